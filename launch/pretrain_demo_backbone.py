@@ -1,0 +1,79 @@
+"""Make the demo's "pretrained" backbone: a small ViT trained on the digits 'pretrain' split.
+
+The demo stands in for ImageNet-pretrained ViT-B/16: this script trains a small ViT on a split of the
+digits that is disjoint from the continual-learning train and test splits, then saves it with
+`save_pretrained` so that the demo config loads it through the same local-folder path as real weights.
+
+    python launch/pretrain_demo_backbone.py --config configs/demo_digits.json
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from sdlora_ds.config import BackboneConfig, load_config  # noqa: E402
+from sdlora_ds.data import ShardIndex, build_loader  # noqa: E402
+from sdlora_ds.model.backbone import build_backbone, cls_features  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/demo_digits.json", help="the demo run config (data + backbone.path)")
+    p.add_argument("--split", default="pretrain", help="index split to pretrain on (disjoint from train/test)")
+    p.add_argument("--hidden", type=int, default=96)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--patch", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    out = cfg.backbone.path
+    torch.manual_seed(args.seed)
+    index = ShardIndex.load(cfg.data.index)
+    if args.split not in index.splits:
+        print(f"error: index {cfg.data.index} has no split {args.split!r} (has {index.splits}); "
+              "rebuild it with `python -m shards.digits`", file=sys.stderr)
+        return 2
+    arch = BackboneConfig(source="config", hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                          mlp_size=2 * args.hidden, patch_size=args.patch, image_size=cfg.data.image_size)
+    arch.validate("backbone")
+    vit = build_backbone(arch)
+    for q in vit.parameters():
+        q.requires_grad_(True)
+    head = torch.nn.Linear(args.hidden, index.num_classes)
+    params = list(vit.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
+    classes = list(range(index.num_classes))
+    start = time.time()
+    bar = tqdm(range(args.epochs), desc="pretraining demo backbone")
+    for epoch in bar:
+        loader = build_loader(index, cfg.data, split=args.split, class_ids=classes, train=True,
+                              batch_size=args.batch, rank=0, world_size=1, seed=args.seed, epoch=epoch)
+        correct = total = 0
+        for images, labels in loader:
+            logits = head(cls_features(vit, images))
+            loss = F.cross_entropy(logits, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            correct += int((logits.argmax(1) == labels).sum())
+            total += len(labels)
+        bar.set_postfix(loss=f"{loss.item():.3f}", train_acc=f"{100 * correct / total:.1f}%")
+    os.makedirs(out, exist_ok=True)
+    vit.save_pretrained(out)
+    print(f"saved demo backbone to {out} ({time.time() - start:.0f}s, final train accuracy "
+          f"{100 * correct / total:.1f}% on the '{args.split}' split)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

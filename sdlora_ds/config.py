@@ -1,0 +1,445 @@
+"""Run configuration: nested typed dataclasses loaded from strict JSON.
+
+Every field has a docstring (the string literal under it). Loading fails before any work when a
+key is unknown, a value has the wrong type, or a value is impossible; the error names the dotted
+field, the value and what is allowed. `load_config(path, overrides)` is the one entry point; the
+resolved config is written into the run folder with `dump_config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override (a ValueError, as every user error here)."""
+
+
+def _fail(path: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config field '{path}': got {value!r}; {allowed}")
+
+
+@dataclass
+class BackboneConfig:
+    source: str = "pretrained"
+    """'pretrained': load `path` (a transformers ViT folder, or a .safetensors file with transformers
+    or timm keys). 'config': build a randomly initialised ViT from the arch fields below (tests)."""
+    path: Optional[str] = None
+    """Local folder or .safetensors file of the pretrained ViT. Nothing is ever downloaded."""
+    weights_name: str = ""
+    """Free-text name of the exact weights (e.g. 'vit_base_patch16_224.augreg2_in21k_ft_in1k'),
+    recorded in results.json: two timm tags of one architecture give different CL numbers."""
+    hidden_size: int = 768
+    """Embedding width d (source='config'; for timm files it is read from the weights)."""
+    num_layers: int = 12
+    """Transformer blocks (source='config')."""
+    num_heads: int = 12
+    """Attention heads (source='config', and timm .safetensors files, whose keys do not carry it)."""
+    mlp_size: int = 3072
+    """MLP hidden width (source='config')."""
+    patch_size: int = 16
+    """Patch size in pixels (source='config')."""
+    image_size: int = 224
+    """Input resolution the position embeddings are built for (source='config')."""
+    layer_norm_eps: float = 1e-6
+    """LayerNorm epsilon (timm ViTs use 1e-6; source='config' and timm files)."""
+
+    def validate(self, p: str) -> None:
+        if self.source not in ("pretrained", "config"):
+            _fail(f"{p}.source", self.source, "allowed: 'pretrained' or 'config'")
+        if self.source == "pretrained" and not self.path:
+            _fail(f"{p}.path", self.path, "source='pretrained' needs a local folder or .safetensors file")
+        for name in ("hidden_size", "num_layers", "num_heads", "mlp_size", "patch_size", "image_size"):
+            if getattr(self, name) <= 0:
+                _fail(f"{p}.{name}", getattr(self, name), "must be > 0")
+        if self.hidden_size % self.num_heads:
+            _fail(f"{p}.num_heads", self.num_heads, f"must divide hidden_size={self.hidden_size}")
+        if self.image_size % self.patch_size:
+            _fail(f"{p}.patch_size", self.patch_size, f"must divide image_size={self.image_size}")
+
+
+@dataclass
+class KDConfig:
+    enabled: bool = False
+    """SD-LoRA-KD: after each task t > 0, fold a new direction that earlier ones explain into their
+    assimilated magnitudes (SPEC section 1)."""
+    threshold: float = 9e-4
+    """Least-squares residual below which a direction is folded."""
+
+    def validate(self, p: str) -> None:
+        if self.threshold < 0:
+            _fail(f"{p}.threshold", self.threshold, "must be >= 0")
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 10
+    """LoRA rank r of every task (unless rank_schedule says otherwise)."""
+    rank_schedule: Optional[list] = None
+    """SD-LoRA-RR: list of [first_task, rank] pairs, ascending, the first at task 0; e.g.
+    [[0, 10], [4, 8], [8, 6]]. null: `rank` for every task."""
+    target_modules: list = field(default_factory=lambda: ["query", "value", "q_proj", "v_proj"])
+    """Attribute names of the nn.Linear layers to adapt inside the encoder: transformers 4.x calls
+    the query/value projections 'query'/'value', 5.x 'q_proj'/'v_proj'."""
+    magnitude_init: float = 1.0
+    """Initial value of every magnitude m_i (1.0 in the LibContinual configs, 0.8 in the authors' code)."""
+    magnitude_reset: bool = True
+    """True: re-create all magnitudes with magnitude_init at each task start (the reference);
+    False: keep the learned ones and initialise only the new task's."""
+    norm: str = "factors"
+    """Normalisation of frozen directions: 'factors' = ||B||_F * ||A||_F (reference code),
+    'product' = ||B A||_F (the paper's notation)."""
+    impl: str = "auto"
+    """Stacked low-rank update implementation: 'auto' (Triton on CUDA, PyTorch otherwise),
+    'reference' (plain PyTorch everywhere), 'triton'."""
+    kd: KDConfig = field(default_factory=KDConfig)
+    """SD-LoRA-KD settings."""
+
+    def validate(self, p: str) -> None:
+        if self.rank <= 0:
+            _fail(f"{p}.rank", self.rank, "must be > 0")
+        if self.rank_schedule is not None:
+            sched = self.rank_schedule
+            ok = (isinstance(sched, list) and sched and all(
+                isinstance(e, list) and len(e) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in e)
+                for e in sched))
+            if not ok:
+                _fail(f"{p}.rank_schedule", sched, "expected a list of [first_task, rank] integer pairs")
+            firsts = [e[0] for e in sched]
+            if firsts[0] != 0 or firsts != sorted(set(firsts)):
+                _fail(f"{p}.rank_schedule", sched, "first tasks must start at 0 and strictly increase")
+            if any(e[1] <= 0 for e in sched):
+                _fail(f"{p}.rank_schedule", sched, "every rank must be > 0")
+        if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
+            _fail(f"{p}.target_modules", self.target_modules, "expected a non-empty list of names")
+        if self.norm not in ("factors", "product"):
+            _fail(f"{p}.norm", self.norm, "allowed: 'factors' or 'product'")
+        if self.impl not in ("auto", "reference", "triton"):
+            _fail(f"{p}.impl", self.impl, "allowed: 'auto', 'reference' or 'triton'")
+        self.kd.validate(f"{p}.kd")
+
+    def rank_of(self, task: int) -> int:
+        """The LoRA rank of `task` under the schedule."""
+        if self.rank_schedule is None:
+            return self.rank
+        return [r for first, r in self.rank_schedule if first <= task][-1]
+
+
+@dataclass
+class CILConfig:
+    num_classes: int = 200
+    """Classes in the whole sequence (must equal the shard index's class count)."""
+    init_classes: int = 40
+    """Classes of task 0 (the B in B{init}-{inc}-{tasks})."""
+    increment: int = 40
+    """Classes of every later task."""
+    num_tasks: int = 5
+    """Number of tasks; init_classes + (num_tasks - 1) * increment must equal num_classes."""
+    order_seed: int = 1993
+    """Class order = np.random.seed(order_seed); np.random.permutation(num_classes) (reproduces the
+    authors' printed orders). Ignored when class_order is given."""
+    class_order: Optional[list] = None
+    """Explicit class order: a permutation of 0..num_classes-1 (class ids of the shard index)."""
+
+    def validate(self, p: str) -> None:
+        for name in ("num_classes", "init_classes", "increment", "num_tasks"):
+            if getattr(self, name) <= 0:
+                _fail(f"{p}.{name}", getattr(self, name), "must be > 0")
+        total = self.init_classes + (self.num_tasks - 1) * self.increment
+        if total != self.num_classes:
+            _fail(f"{p}.num_tasks", self.num_tasks,
+                  f"init_classes + (num_tasks - 1) * increment = {total} but num_classes = {self.num_classes}")
+        if self.class_order is not None and sorted(self.class_order) != list(range(self.num_classes)):
+            _fail(f"{p}.class_order", self.class_order, f"must be a permutation of 0..{self.num_classes - 1}")
+
+
+@dataclass
+class DataConfig:
+    index: str = ""
+    """Path of the shard index JSON written by a converter in shards/ (relative paths are taken from
+    the current directory)."""
+    train_split: str = "train"
+    """Split of the index used for training."""
+    test_split: str = "test"
+    """Split of the index used for evaluation."""
+    image_size: int = 224
+    """Crop size fed to the backbone (must equal backbone image size)."""
+    test_resize: int = 256
+    """Shorter-side resize before the test center crop (256 ImageNet-R, 224 CIFAR-100)."""
+    interpolation: str = "bicubic"
+    """Resize interpolation: 'bicubic', 'bilinear' or 'nearest'."""
+    train_scale: list = field(default_factory=lambda: [0.05, 1.0])
+    """RandomResizedCrop scale range."""
+    train_ratio: list = field(default_factory=lambda: [0.75, 1.3333333333333333])
+    """RandomResizedCrop aspect-ratio range."""
+    hflip: bool = True
+    """Random horizontal flip during training (off for digits)."""
+    mean: Optional[list] = None
+    """Per-channel normalisation mean; null = feed ToTensor's [0, 1] values (the reference)."""
+    std: Optional[list] = None
+    """Per-channel normalisation std; must be given together with mean."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 2000
+    """Sample-level shuffle buffer of the training stream."""
+    cache_task: bool = False
+    """Keep the current task's encoded image bytes in memory after the first epoch."""
+    bad_sample_tolerance: int = 0
+    """Corrupt or unreadable samples tolerated before the run stops with a report."""
+    verify_checksums: bool = True
+    """Check every shard's sha256 against the index before training."""
+
+    def validate(self, p: str) -> None:
+        if not self.index:
+            _fail(f"{p}.index", self.index, "give the path of a shard index JSON (see shards/)")
+        for name in ("image_size", "test_resize"):
+            if getattr(self, name) <= 0:
+                _fail(f"{p}.{name}", getattr(self, name), "must be > 0")
+        if self.test_resize < self.image_size:
+            _fail(f"{p}.test_resize", self.test_resize, f"must be >= image_size={self.image_size}")
+        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
+            _fail(f"{p}.interpolation", self.interpolation, "allowed: 'bicubic', 'bilinear', 'nearest'")
+        for name in ("train_scale", "train_ratio"):
+            v = getattr(self, name)
+            if len(v) != 2 or not 0 < v[0] <= v[1]:
+                _fail(f"{p}.{name}", v, "expected [low, high] with 0 < low <= high")
+        if (self.mean is None) != (self.std is None):
+            _fail(f"{p}.std" if self.std is None else f"{p}.mean", None, "mean and std go together")
+        if self.mean is not None and (len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0):
+            _fail(f"{p}.mean", self.mean, "mean and std need 3 values each, std > 0")
+        if self.num_workers < 0:
+            _fail(f"{p}.num_workers", self.num_workers, "must be >= 0")
+        if self.shuffle_buffer < 1:
+            _fail(f"{p}.shuffle_buffer", self.shuffle_buffer, "must be >= 1")
+        if self.bad_sample_tolerance < 0:
+            _fail(f"{p}.bad_sample_tolerance", self.bad_sample_tolerance, "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-2
+    """Constant SGD learning rate (1e-2 ImageNet-R, 8e-3 CIFAR-100)."""
+    momentum: float = 0.9
+    """SGD momentum; a fresh optimizer is built at each task."""
+    weight_decay: float = 0.0
+    """SGD weight decay (0 in the reference)."""
+    epochs: int = 20
+    """Epochs per task."""
+    global_batch: int = 128
+    """Samples per optimizer step over all ranks; micro_batch x grad_accum x world size must equal it."""
+    micro_batch: Optional[int] = None
+    """Samples per forward pass per rank; null = global_batch / (world size x grad_accum)."""
+    grad_accum: Optional[int] = None
+    """Micro-batches per optimizer step; null = derived from micro_batch (1 if both are null)."""
+    max_steps_per_epoch: Optional[int] = None
+    """Cap on optimizer steps per epoch (smoke tests); null = the whole task split."""
+
+    def validate(self, p: str) -> None:
+        if self.lr <= 0:
+            _fail(f"{p}.lr", self.lr, "must be > 0")
+        if not 0 <= self.momentum < 1:
+            _fail(f"{p}.momentum", self.momentum, "must be in [0, 1)")
+        if self.weight_decay < 0:
+            _fail(f"{p}.weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("epochs", "global_batch"):
+            if getattr(self, name) <= 0:
+                _fail(f"{p}.{name}", getattr(self, name), "must be > 0")
+        for name in ("micro_batch", "grad_accum", "max_steps_per_epoch"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                _fail(f"{p}.{name}", v, "must be > 0 or null")
+
+    def batch_plan(self, world_size: int) -> tuple[int, int]:
+        """(micro_batch, grad_accum) for `world_size` ranks; ValueError naming all three numbers."""
+        g, m, a = self.global_batch, self.micro_batch, self.grad_accum
+        if m is None:
+            a = a or 1
+            if g % (a * world_size):
+                raise ConfigError(
+                    f"config field 'optim.global_batch': {g} is not divisible by grad_accum ({a}) x world "
+                    f"size ({world_size}); set optim.micro_batch/optim.grad_accum or change the process count")
+            m = g // (a * world_size)
+        elif a is None:
+            if g % (m * world_size):
+                raise ConfigError(
+                    f"config field 'optim.micro_batch': global_batch {g} is not divisible by micro_batch ({m}) x "
+                    f"world size ({world_size}); try micro_batch={max(1, g // world_size)}")
+            a = g // (m * world_size)
+        if m * a * world_size != g:
+            raise ConfigError(
+                f"config field 'optim.global_batch': micro_batch ({m}) x grad_accum ({a}) x world size "
+                f"({world_size}) = {m * a * world_size}, not {g}; e.g. set optim.grad_accum to null to derive it")
+        return m, a
+
+
+@dataclass
+class DistConfig:
+    mixed_precision: str = "no"
+    """'no', 'bf16' or 'fp16' (bf16 on GPU is what the accelerate configs in launch/ choose)."""
+    timeout_s: int = 1800
+    """Collective timeout: a rank stuck this long (a dead peer) fails the run instead of hanging."""
+
+    def validate(self, p: str) -> None:
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            _fail(f"{p}.mixed_precision", self.mixed_precision, "allowed: 'no', 'bf16', 'fp16'")
+        if self.timeout_s <= 0:
+            _fail(f"{p}.timeout_s", self.timeout_s, "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    log_every: int = 10
+    """Optimizer steps between loss/learning-rate log lines (TensorBoard gets every step)."""
+    eval_batch: int = 128
+    """Evaluation batch per rank."""
+    checkpoint_every: int = 0
+    """Optimizer steps between mid-task checkpoints; 0 = only at the end of each task."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (older ones are deleted once a newer one is complete)."""
+
+    def validate(self, p: str) -> None:
+        for name in ("log_every", "eval_batch", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                _fail(f"{p}.{name}", getattr(self, name), "must be > 0")
+        if self.checkpoint_every < 0:
+            _fail(f"{p}.checkpoint_every", self.checkpoint_every, "must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name: the run folder is output_dir/name."""
+    output_dir: str = "runs"
+    """Parent folder of run folders (results.json, config.json, tensorboard/, checkpoints/)."""
+    seed: int = 1993
+    """Seed of initialisation, shuffling and augmentation (the class order has its own seed)."""
+    method: str = "sdlora"
+    """'sdlora' (also -RR/-KD through adapter settings)."""
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    """The frozen pretrained ViT."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """SD-LoRA adapters."""
+    cil: CILConfig = field(default_factory=CILConfig)
+    """Class-incremental protocol."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards and transforms."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and batch."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Distributed execution."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Logging, evaluation and checkpoint cadence."""
+
+    def validate(self) -> "RunConfig":
+        if not self.name or "/" in self.name:
+            _fail("name", self.name, "a non-empty folder name without '/'")
+        if self.method not in METHODS:
+            _fail("method", self.method, f"allowed: {sorted(METHODS)}")
+        for sub in ("backbone", "adapter", "cil", "data", "optim", "dist", "train"):
+            getattr(self, sub).validate(sub)
+        if self.backbone.source == "config" and self.data.image_size != self.backbone.image_size:
+            _fail("data.image_size", self.data.image_size,
+                  f"must equal backbone.image_size={self.backbone.image_size}")
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.output_dir, self.name)
+
+
+METHODS = {"sdlora"}
+
+
+# ---------------------------------------------------------------------------- strict loading
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp is list or origin is list:
+        return isinstance(value, list)
+    return True
+
+
+def _from_dict(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        _fail(path or "<root>", data, f"expected a JSON object for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"config field '{where}{unknown[0]}': unknown key; allowed keys of "
+                          f"'{path or '<root>'}': {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp, dotted = hints[name], f"{path}.{name}" if path else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value, dotted)
+        elif not _type_ok(value, tp):
+            _fail(dotted, value, f"expected {getattr(tp, '__name__', str(tp)).replace('typing.', '')}")
+        else:
+            kwargs[name] = float(value) if tp is float else value
+    return cls(**kwargs)
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply 'a.b.c=VALUE' to the raw JSON dict; VALUE is parsed as JSON, else taken as a string."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value, e.g. optim.lr=0.005")
+    key, text = override.split("=", 1)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict, overrides: Optional[list] = None) -> RunConfig:
+    raw = json.loads(json.dumps(raw))  # deep copy; overrides must not touch the caller's dict
+    for ov in overrides or []:
+        apply_override(raw, ov)
+    return _from_dict(RunConfig, raw, "").validate()
+
+
+def load_config(path: str, overrides: Optional[list] = None) -> RunConfig:
+    """Load, override and validate a JSON config; ConfigError (a ValueError) on any mistake."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist (see configs/ for the shipped ones)")
+    with open(path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path!r} is not valid JSON: {e}") from None
+    return config_from_dict(raw, overrides)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: str) -> None:
+    """Write the resolved config (every field, defaults included) as JSON, atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(config_to_dict(cfg), f, indent=2)
+    os.replace(tmp, path)
