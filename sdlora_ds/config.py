@@ -136,7 +136,7 @@ class CILConfig:
     init_classes: int = 40
     """Classes of task 0 (the B in B{init}-{inc}-{tasks})."""
     increment: int = 40
-    """Classes of every later task."""
+    """Classes of every later task (may be 0 when num_tasks = 1: joint training on all classes)."""
     num_tasks: int = 5
     """Number of tasks; init_classes + (num_tasks - 1) * increment must equal num_classes."""
     order_seed: int = 1993
@@ -146,9 +146,11 @@ class CILConfig:
     """Explicit class order: a permutation of 0..num_classes-1 (class ids of the shard index)."""
 
     def validate(self, p: str) -> None:
-        for name in ("num_classes", "init_classes", "increment", "num_tasks"):
+        for name in ("num_classes", "init_classes", "num_tasks"):
             if getattr(self, name) <= 0:
                 _fail(f"{p}.{name}", getattr(self, name), "must be > 0")
+        if self.increment < 0 or (self.increment == 0 and self.num_tasks > 1):
+            _fail(f"{p}.increment", self.increment, "must be > 0 (or 0 with num_tasks = 1: joint training)")
         total = self.init_classes + (self.num_tasks - 1) * self.increment
         if total != self.num_classes:
             _fail(f"{p}.num_tasks", self.num_tasks,
@@ -318,7 +320,9 @@ class RunConfig:
     seed: int = 1993
     """Seed of initialisation, shuffling and augmentation (the class order has its own seed)."""
     method: str = "sdlora"
-    """'sdlora' (also -RR/-KD through adapter settings)."""
+    """'sdlora' (also -RR / -KD through adapter.rank_schedule / adapter.kd, and joint training with
+    cil.num_tasks = 1); baselines: 'seq_lora' (one plain LoRA of rank adapter.rank per projection,
+    trained through all tasks), 'linear_probe' (frozen backbone, only the growing classifier)."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """The frozen pretrained ViT."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -341,6 +345,12 @@ class RunConfig:
             _fail("method", self.method, f"allowed: {sorted(METHODS)}")
         for sub in ("backbone", "adapter", "cil", "data", "optim", "dist", "train"):
             getattr(self, sub).validate(sub)
+        if self.method != "sdlora":  # SD-LoRA-only settings would be silently ignored by a baseline
+            if self.adapter.kd.enabled:
+                _fail("adapter.kd.enabled", True, f"SD-LoRA-KD needs method 'sdlora', not {self.method!r}")
+            if self.adapter.rank_schedule is not None:
+                _fail("adapter.rank_schedule", self.adapter.rank_schedule,
+                      f"a rank schedule needs method 'sdlora'; {self.method!r} uses adapter.rank")
         if self.backbone.source == "config" and self.data.image_size != self.backbone.image_size:
             _fail("data.image_size", self.data.image_size,
                   f"must equal backbone.image_size={self.backbone.image_size}")
@@ -351,7 +361,7 @@ class RunConfig:
         return os.path.join(self.output_dir, self.name)
 
 
-METHODS = {"sdlora"}
+METHODS = {"sdlora", "seq_lora", "linear_probe"}
 
 
 # ---------------------------------------------------------------------------- strict loading

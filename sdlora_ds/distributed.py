@@ -17,16 +17,20 @@ from .config import RunConfig
 
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
     handlers = [
-        InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=cfg.dist.timeout_s)),
         # Frozen directions are buffers, identical on every rank by construction: broadcasting them at
         # every forward would cost O(tasks) traffic per step for nothing.
         DistributedDataParallelKwargs(broadcast_buffers=False),
     ]
+    if world > 1 or deepspeed:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=datetime.timedelta(seconds=cfg.dist.timeout_s)))
     # Without CUDA, cpu=True is what makes accelerate build a MULTI_CPU (gloo) state from the launcher's
     # torchrun environment; DeepSpeed selects its own CPU accelerator and must not get cpu=True.
-    cpu = not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"
+    # (A single process needs neither: plain `python` or a 1-process launch just runs on the CPU.)
+    cpu = not torch.cuda.is_available() and world > 1 and not deepspeed
     return Accelerator(cpu=cpu, mixed_precision=cfg.dist.mixed_precision, kwargs_handlers=handlers)
 
 

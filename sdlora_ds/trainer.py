@@ -23,7 +23,8 @@ from .config import RunConfig, config_to_dict, dump_config
 from .data import ShardIndex, build_loader
 from .distributed import configure_deepspeed_batch, make_accelerator, sum_across_ranks, uses_deepspeed
 from .logger import MetricLogger, flatten
-from .model import SDLoRAModel
+from .export import FINAL_MODEL, save_final_model
+from .model import build_model
 
 
 class Trainer:
@@ -39,7 +40,7 @@ class Trainer:
         self.index = ShardIndex.load(cfg.data.index, verify_checksums=cfg.data.verify_checksums)
         self.index.check_against(cfg.cil.num_classes, [cfg.data.train_split, cfg.data.test_split])
         torch.manual_seed(cfg.seed)
-        self.model = SDLoRAModel(cfg)
+        self.model = build_model(cfg)  # cfg.method: 'sdlora' or a baseline
         self.lut = self.schedule.position_lookup(cfg.cil.num_classes)  # class id -> head row
         self.task_of_pos = self.schedule.task_of_position()
         self.run_dir = cfg.run_dir
@@ -74,7 +75,12 @@ class Trainer:
 
     def before_task(self, t: int) -> None:
         """Grow the model for task t and build a fresh optimizer + engine over its trainable set."""
+        n_events = len(self.model.events)
         self.model.start_task(t, self.schedule.size(t))
+        for ev in self.model.events[n_events:]:  # e.g. SD-LoRA-KD merges decided at the task boundary
+            self.log.text("model/events", str(ev), t)
+            for tag, value in ev.get("scalars", {}).items():
+                self.log.scalar(tag, value, t)
         self.model.set_trainable()
         params = self.model.trainable_parameters()
         o = self.cfg.optim
@@ -102,15 +108,22 @@ class Trainer:
         del it, loader
 
     def train_step(self, t: int, micro_batches: list) -> float:
-        """One optimizer step over `micro_batches` (gradient accumulation inside)."""
+        """One optimizer step over `micro_batches` (gradient accumulation inside).
+
+        The loss is the mean over every sample of the step on every rank: each micro-batch adds its
+        summed loss divided by this rank's sample count of the step, and DDP/DeepSpeed average over
+        ranks (which hold equal counts, see data/loader.py). A short last micro-batch is therefore
+        weighted by its size, and 1 rank or N ranks with the same global batches take the same step."""
         known = self.schedule.start(t)
-        total = 0.0
+        n_local = sum(len(labels) for _, labels in micro_batches)
+        total = torch.zeros((), dtype=torch.float64)
         for i, (images, labels) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            total += self.forward_backward(images, labels, known, sync=last)
+            total += self.forward_backward(images, labels, known, n_local, sync=last)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = total / len(micro_batches)
+        # Mean over all ranks for the log (every rank computes it: same number everywhere).
+        loss = float(sum_across_ranks(self.acc, total.float())) / (n_local * self.world)
         self.global_step += 1
         self.loss_log.append((self.global_step, loss))
         self.log.scalar("train/loss", loss, self.global_step)
@@ -118,21 +131,25 @@ class Trainer:
         self.log.scalar("train/task", t, self.global_step)
         return loss
 
-    def forward_backward(self, images, labels, known: int, sync: bool) -> float:
-        """Cross-entropy on the current task's logits only: logits[:, known:] vs position - known."""
+    def forward_backward(self, images, labels, known: int, n_local: int, sync: bool) -> torch.Tensor:
+        """Cross-entropy on the current task's logits only: logits[:, known:] vs position - known.
+        Returns the summed (not mean) loss of the micro-batch, detached."""
         images = images.to(self.acc.device, non_blocking=True)
         target = self.lut[labels].to(self.acc.device) - known  # (B,) in [0, task size)
+        kwargs = {}
         if uses_deepspeed(self.acc):
-            # DeepSpeed steps at its own accumulation boundary; tell it where ours is (short last group).
+            # DeepSpeed steps at its own accumulation boundary; tell it where ours is (short last
+            # group), and do not let it divide by gradient_accumulation_steps again.
             self.engine.set_gradient_accumulation_boundary(sync)
+            kwargs["scale_wrt_gas"] = False
             ctx = nullcontext()
         else:
             ctx = nullcontext() if sync else self.acc.no_sync(self.engine)
         with ctx, self.acc.autocast():
             logits = self.engine(images)  # (B, C_seen)
-            loss = F.cross_entropy(logits[:, known:].float(), target)
-        self.acc.backward(loss / self.accum)
-        return loss.item()
+            loss_sum = F.cross_entropy(logits[:, known:].float(), target, reduction="sum")
+        self.acc.backward(loss_sum / n_local, **kwargs)
+        return loss_sum.detach().double().cpu()
 
     def after_task(self, t: int) -> None:
         """Drop the engine/optimizer of task t: the next task trains another set of tensors."""
@@ -161,7 +178,10 @@ class Trainer:
         self.model.train()
         correct, count = sum_across_ranks(self.acc, correct), sum_across_ranks(self.acc, count)
         expected = self.index.count(self.cfg.data.test_split, self.schedule.seen_classes(t))
-        assert int(count.sum()) == expected, f"evaluated {int(count.sum())} test samples, index has {expected}"
+        # Fewer only when bad test samples were tolerated (data.bad_sample_tolerance): they are reported.
+        assert int(count.sum()) <= expected, f"evaluated {int(count.sum())} test samples, index has {expected}"
+        if int(count.sum()) < expected:
+            self.print(f"warning: {expected - int(count.sum())} bad test sample(s) skipped in this evaluation")
         row = (100.0 * correct.double() / count.clamp_min(1).double()).tolist()
         self.acc_matrix.append(row)
         self.acc_all.append(100.0 * float(correct.sum()) / float(count.sum()))
@@ -187,7 +207,7 @@ class Trainer:
                    "class_order": self.schedule.order, **summary, "world_size": self.world,
                    "global_batch": self.cfg.optim.global_batch, "micro_batch": self.micro,
                    "grad_accum": self.accum, "task_seconds": self.task_times,
-                   "loss_log": self.loss_log, "config": config_to_dict(self.cfg)}
+                   "events": self.model.events, "loss_log": self.loss_log, "config": config_to_dict(self.cfg)}
         if self.is_main:
             path = os.path.join(self.run_dir, "results.json")
             with open(path + ".tmp", "w") as f:
@@ -204,6 +224,9 @@ class Trainer:
             print(f"Avg Acc {summary['avg_acc']:.2f} | Last Acc {summary['last_acc']:.2f} | "
                   f"forgetting {summary['forgetting']:.2f} | BWT {summary['bwt']:.2f}")
             print(f"results: {path}")
+            # The final model for launch/export.py (issue 4 folds this into the checkpoint format).
+            save_final_model(os.path.join(self.run_dir, FINAL_MODEL), self.model, self.cfg, self.schedule.order,
+                             self.index.class_names)
         self.acc.wait_for_everyone()
         return results
 

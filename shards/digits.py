@@ -15,13 +15,13 @@ import io
 
 import numpy as np
 
-from shards.writer import SampleSpec, finish_conversion
+from shards.writer import SampleSpec, finish_conversion, stratified_split
 
 RATIOS = {"pretrain": 0.3, "train": 0.5, "test": 0.2}
 MAX_PER_SHARD = 100  # ~90 train images per class -> one class per shard; test shards hold 2 classes
 
 
-def _encode_png(source: np.ndarray, options: dict) -> tuple[str, bytes]:
+def encode_png(source: np.ndarray, options: dict) -> tuple[str, bytes]:
     from PIL import Image
     buf = io.BytesIO()
     # uint8 (8, 8) -> a mode "L" image
@@ -29,27 +29,27 @@ def _encode_png(source: np.ndarray, options: dict) -> tuple[str, bytes]:
     return "png", buf.getvalue()
 
 
-def write_digits_shards(out_dir: str, seed: int = 0, *, progress: bool = False,
-                        max_per_shard: int = MAX_PER_SHARD) -> str:
-    """Convert load_digits() into shards under out_dir; returns the index.json path."""
+def digits_samples(seed: int = 0) -> dict[str, list[SampleSpec]]:
+    """The SampleSpecs of every split (source = the uint8 (8, 8) image)."""
     from sklearn.datasets import load_digits
-
-    from shards.writer import stratified_split
     d = load_digits()
     images = np.minimum(d.images * 16, 255).astype(np.uint8)  # (1797, 8, 8), 0..16 -> 0..255
     labels = d.target.astype(int)
     parts = stratified_split(labels, RATIOS, seed)
-    samples = {}
-    for split, positions in parts.items():
-        samples[split] = [
-            SampleSpec(key=f"{split}_{labels[i]:04d}_{i:06d}", cls=int(labels[i]), source=images[i],
-                       fingerprint=hashlib.sha256(images[i].tobytes()).hexdigest()[:16])
-            for i in positions]
+    return {split: [SampleSpec(key=f"{split}_{labels[i]:04d}_{i:06d}", cls=int(labels[i]), source=images[i],
+                               fingerprint=hashlib.sha256(images[i].tobytes()).hexdigest()[:16])
+                    for i in positions]
+            for split, positions in parts.items()}
+
+
+def write_digits_shards(out_dir: str, seed: int = 0, *, progress: bool = False,
+                        max_per_shard: int = MAX_PER_SHARD) -> str:
+    """Convert load_digits() into shards under out_dir; returns the index.json path."""
     split_info = {"method": "stratified", "seed": seed, "ratios": RATIOS,
                   "source": "sklearn.datasets.load_digits"}
     created_by = {"converter": "shards.digits", "args": {"seed": seed, "max_per_shard": max_per_shard}}
-    return finish_conversion(out_dir, "digits", [str(c) for c in range(10)], samples, _encode_png, {},
-                             split_info, created_by, max_per_shard=max_per_shard, progress=progress)
+    return finish_conversion(out_dir, "digits", [str(c) for c in range(10)], digits_samples(seed), encode_png,
+                             {}, split_info, created_by, max_per_shard=max_per_shard, progress=progress)
 
 
 def main(argv=None) -> None:

@@ -27,9 +27,9 @@ import os
 import re
 import sys
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 FORMAT = "sdlora-ds-shards/1"
 STATE_FILE = ".shards_state.json"
@@ -213,8 +213,8 @@ def convert(out_dir: str, jobs: Sequence[ShardJob], encode: EncodeFn, options: d
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futs = [pool.submit(_write_job, out_dir, j, encode, options, plans[j.rel_path]) for j in todo]
-            for fut in futs:
-                finish(fut.result())
+            for fut in as_completed(futs):
+                finish(fut.result())  # a failed shard raises here, naming its input
     bar.close()
     return [done[j.rel_path] for j in jobs], stats
 

@@ -1,6 +1,11 @@
 """The SD-LoRA projection (SPEC section 1) and the magnitudes every projection shares.
 
-    y = W x + b + m_t B_t A_t x + sum_{i<t} (m_i + k_i) B_i A_i x / norm_i
+    y = W x + b + m_t B_t A_t x + sum_{i<t} (m_i + k_i + k_i^p) B_i A_i x / norm_i
+
+k_i is the shared assimilated magnitude (Magnitudes.k) and k_i^p the projection's own
+(`SDLoRALinear.frozen_k`). SD-LoRA-KD writes only k_i^p: its least-squares fit is per projection,
+so the coefficients differ between projections and only a per-projection k preserves the function
+(model/kd.py; LibContinual also keeps one assimilated vector per projection).
 
 `SDLoRALinear` replaces an nn.Linear in place and keeps its `weight`/`bias` names, so backbone keys
 stay loadable and export can write the merged weight under the original name. The frozen
@@ -21,8 +26,9 @@ from ..kernels import merge_weight, stacked_lowrank_linear
 
 
 class Magnitudes(nn.Module):
-    """m_0..m_t (trainable, one scalar per task) and k_0..k_t (assimilated, KD only), shared by every
-    adapted projection of every block.
+    """m_0..m_t (trainable, one scalar per task) and k_0..k_t (assimilated), shared by every adapted
+    projection of every block. KD does not write k (its coefficients are per projection: see
+    SDLoRALinear.frozen_k); k stays 0 in every shipped variant and is kept as the SPEC's shared term.
 
     The projections call this module (`mags()`) instead of reading `.m`: a module call is what
     DeepSpeed ZeRO-3 hooks to gather parameters, so the shared vector is always complete when read.
@@ -58,8 +64,9 @@ class Magnitudes(nn.Module):
 
 class SDLoRALinear(nn.Module):
     """nn.Linear + stacked SD-LoRA directions. State per task i < t: rows of a_frozen / columns of
-    b_frozen, `frozen_inv_norm[i]` (0 for a zero direction: it contributes nothing) and the rank.
-    The current task t owns the trainable a_cur (r, d_in) and b_cur (d_out, r)."""
+    b_frozen, `frozen_inv_norm[i]` (0 for a zero direction: it contributes nothing), the rank and
+    `frozen_k[i]`, this projection's assimilated magnitude (0 unless SD-LoRA-KD folded a later
+    direction into task i here). The current task t owns the trainable a_cur (r, d_in) and b_cur (d_out, r)."""
 
     def __init__(self, base: nn.Linear, magnitudes: Magnitudes, norm: str = "factors", impl: str = "auto"):
         super().__init__()
@@ -75,6 +82,7 @@ class SDLoRALinear(nn.Module):
         self.register_buffer("a_frozen", w.new_zeros(0, self.in_features))
         self.register_buffer("b_frozen", w.new_zeros(self.out_features, 0))
         self.register_buffer("frozen_inv_norm", w.new_zeros(0))
+        self.register_buffer("frozen_k", w.new_zeros(0))  # (T_f,) per-projection assimilated magnitudes
         self.register_buffer("frozen_ranks", torch.zeros(0, dtype=torch.long, device=w.device))
         self.register_buffer("col_task", torch.zeros(0, dtype=torch.long, device=w.device))  # (R_f,)
         self.a_cur: Optional[nn.Parameter] = None
@@ -115,9 +123,16 @@ class SDLoRALinear(nn.Module):
         self.a_frozen = torch.cat([self.a_frozen, a])
         self.b_frozen = torch.cat([self.b_frozen, b], dim=1)
         self.frozen_inv_norm = torch.cat([self.frozen_inv_norm, inv.reshape(1).to(self.frozen_inv_norm.dtype)])
+        self.frozen_k = torch.cat([self.frozen_k, self.frozen_k.new_zeros(1)])
         self.frozen_ranks = torch.cat([self.frozen_ranks, self.frozen_ranks.new_tensor([a.shape[0]])])
         self.col_task = torch.cat([self.col_task, self.col_task.new_full((a.shape[0],), t)])
         self.a_cur = self.b_cur = None
+
+    def task_columns(self, task: int) -> slice:
+        """The columns of b_frozen (rows of a_frozen) that belong to frozen task `task`."""
+        ranks = self.frozen_ranks.tolist()  # host copy: called at task boundaries only, never per step
+        start = sum(ranks[:task])
+        return slice(start, start + ranks[task])
 
     def reshape_for(self, frozen_ranks: list, current_rank: Optional[int]) -> None:
         """Give the buffers/parameters the shapes of a checkpoint before load_state_dict."""
@@ -125,6 +140,7 @@ class SDLoRALinear(nn.Module):
         self.a_frozen = w.new_zeros(R, self.in_features)
         self.b_frozen = w.new_zeros(self.out_features, R)
         self.frozen_inv_norm = w.new_zeros(len(frozen_ranks))
+        self.frozen_k = w.new_zeros(len(frozen_ranks))
         self.frozen_ranks = torch.tensor(frozen_ranks, dtype=torch.long, device=w.device)
         self.col_task = torch.repeat_interleave(torch.arange(len(frozen_ranks), device=w.device), self.frozen_ranks)
         self.a_cur = self.b_cur = None
@@ -138,7 +154,7 @@ class SDLoRALinear(nn.Module):
         mk = self._mags()  # (T,) = m + k
         t = self.num_frozen
         assert mk.numel() >= t + (self.a_cur is not None), "magnitudes and directions out of step"
-        s_frozen = (mk[:t] * self.frozen_inv_norm)[self.col_task]  # per task -> per column, no host sync
+        s_frozen = ((mk[:t] + self.frozen_k) * self.frozen_inv_norm)[self.col_task]  # per task -> per column, no host sync
         m_cur = mk[t] if self.a_cur is not None else None
         return s_frozen, m_cur
 

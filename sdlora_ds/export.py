@@ -1,0 +1,170 @@
+"""Export a trained model as a standard transformers image-classification folder.
+
+Every direction and magnitude (SD-LoRA), or the LoRA update (seq_lora), is folded into the dense
+weight of its projection, W' = W + sum_i (m_i + k_i + k_i^p) B_i A_i / norm_i (+ m_t B_t A_t), so the
+exported model is a plain ViTForImageClassification: the cost of a plain ViT, loadable with
+`from_pretrained` or `pipeline("image-classification")`, predicting what the trainer predicts.
+
+    out_dir/config.json               ViTConfig + id2label in class order (head row j = class_order[j])
+    out_dir/model.safetensors         the merged weights and the classifier
+    out_dir/preprocessor_config.json  the trainer's test transform (see `image_processor`)
+
+Input: an in-memory model (`export_model`) or a run folder (`export_run`: run_dir/config.json +
+run_dir/final_model.pt, which Trainer.finish writes with `save_final_model`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .config import DataConfig, RunConfig, load_config
+
+FINAL_MODEL = "final_model.pt"
+FORMAT = "sdlora-ds-final/1"
+
+
+# ------------------------------------------------------------------ the run's final model file
+def _fingerprint(model) -> list:
+    """Per-tensor float64 sums of the pretrained backbone weights (summed on the CPU: deterministic),
+    to catch a backbone file that changed between training and export."""
+    sd = model.state_dict()
+    return [float(sd[k].detach().cpu().double().sum()) for k in sorted(model.pretrained_keys)]
+
+
+def save_final_model(path: str, model, cfg: RunConfig, class_order: list, class_names: list) -> None:
+    """Write what export (or a later evaluation) needs to rebuild `model` (call on rank 0).
+    class_names: the shard index's names by class id. A backbone built from the config (random
+    init, tests) cannot be rebuilt from a file, so its weights are saved too."""
+    full = cfg.backbone.source == "config"
+    payload = {"format": FORMAT, "method": cfg.method, "structure": model.structure(),
+               "state": model.state_dict() if full else model.adapter_state_dict(), "full_state": full,
+               "backbone_fingerprint": None if full else _fingerprint(model),
+               "class_order": list(class_order), "class_names": [class_names[c] for c in class_order]}
+    payload["state"] = {k: v.detach().cpu() for k, v in payload["state"].items()}
+    tmp = f"{path}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_final_model(run_dir: str):
+    """(model on the CPU in eval mode, RunConfig, payload) rebuilt from run_dir/config.json and
+    run_dir/final_model.pt. Relative paths in the config are taken from the current directory,
+    as in training."""
+    from .model import build_model
+    cfg_path, model_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, FINAL_MODEL)
+    for p in (cfg_path, model_path):
+        if not os.path.isfile(p):
+            raise ValueError(f"run folder {run_dir!r} has no {os.path.basename(p)}; give the folder of a "
+                             "finished run (runs/NAME)")
+    cfg = load_config(cfg_path)
+    payload = torch.load(model_path, map_location="cpu", weights_only=True)
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"{model_path!r} has format {payload.get('format')!r}, expected {FORMAT!r}")
+    model = build_model(cfg)  # a random ('config') backbone is overwritten below: its weights are in the file
+    model.restore_structure(payload["structure"])
+    if payload["full_state"]:
+        model.load_state_dict(payload["state"])
+    else:
+        missing, unexpected = model.load_state_dict(payload["state"], strict=False)
+        if unexpected or set(missing) != set(model.pretrained_keys):
+            raise ValueError(f"{model_path!r} does not match the model built from {cfg_path!r}: missing "
+                             f"{sorted(set(missing) - model.pretrained_keys)[:4]}, unexpected {sorted(unexpected)[:4]}")
+        if _fingerprint(model) != payload["backbone_fingerprint"]:
+            raise ValueError(f"config field 'backbone.path': {cfg.backbone.path!r} does not hold the weights the "
+                             f"run was trained on (fingerprint mismatch); export with the original backbone file")
+    return model.eval(), cfg, payload
+
+
+# ------------------------------------------------------------------ transformers folder
+def image_processor(data_cfg: DataConfig):
+    """A ViTImageProcessor doing the trainer's test transform: RGB, resize of the SHORTER side to
+    data.test_resize, center crop data.image_size, rescale 1/255, normalise only if data.mean is set.
+
+    The classic ViTImageProcessor resizes to a fixed (h, w); transformers 5.x processors accept
+    size={'shortest_edge': n} with do_center_crop, which is the trainer's Resize + CenterCrop. Exact
+    for square inputs (the digits demo: bit-identical pixels with the default torchvision backend).
+    For non-square inputs two small differences remain, both from transformers' implementation:
+    the torchvision backend resizes the uint8 tensor (antialiased) where the trainer resizes the PIL
+    image (at most 1 grey level apart), and its crop offset is floor((H - S) / 2) where torchvision's
+    CenterCrop rounds: when the resized side minus the crop is odd the crops differ by one pixel
+    in about half of those cases. Predictions can then differ on a few borderline images."""
+    from transformers import ViTImageProcessor
+    from transformers.image_utils import PILImageResampling
+    resample = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR,
+                "nearest": PILImageResampling.NEAREST}[data_cfg.interpolation]
+    norm = data_cfg.mean is not None
+    return ViTImageProcessor(do_resize=True, size={"shortest_edge": data_cfg.test_resize}, resample=resample,
+                             do_center_crop=True, crop_size={"height": data_cfg.image_size, "width": data_cfg.image_size},
+                             do_rescale=True, rescale_factor=1 / 255, do_normalize=norm,
+                             image_mean=list(data_cfg.mean) if norm else None,
+                             image_std=list(data_cfg.std) if norm else None, do_convert_rgb=True)
+
+
+@torch.no_grad()
+def merged_backbone_state(model) -> dict:
+    """The pretrained backbone's state dict (plain ViTModel keys) with every adapted projection's
+    weight replaced by its merged weight, fp32 on the CPU."""
+    sd = model.state_dict()
+    out = {k[len("backbone."):]: sd[k].detach().float().cpu() for k in model.pretrained_keys}
+    for name, layer in zip(model.layer_names, model.layers):
+        out[f"{name}.weight"] = layer.merged_weight().detach().float().cpu()
+    return out
+
+
+@torch.no_grad()
+def export_model(model, class_names_in_order: list, data_cfg: DataConfig, out_dir: str,
+                 verify: bool = True):
+    """Write `model` (SDLoRAModel or a baseline) as a ViTForImageClassification folder; returns the
+    transformers model. class_names_in_order[j] names head row j (= class_order[j]); names beyond
+    the classes seen so far are ignored. verify: compare both models' logits on a random batch."""
+    from transformers import ViTConfig, ViTForImageClassification
+    n = model.head.num_classes
+    if n == 0:
+        raise ValueError("export_model: the model has no classes yet (no task was started)")
+    if len(class_names_in_order) < n:
+        raise ValueError(f"export_model: {len(class_names_in_order)} class names for a head of {n} classes")
+    names = [str(c) for c in class_names_in_order[:n]]
+    d = model.backbone.config.to_dict()
+    d.update(architectures=["ViTForImageClassification"], id2label={i: c for i, c in enumerate(names)},
+             label2id={c: i for i, c in enumerate(names)})
+    config = ViTConfig.from_dict(d)
+    hf = ViTForImageClassification(config).eval()
+    hf.vit.load_state_dict(merged_backbone_state(model), strict=True)
+    hf.classifier.weight.copy_(model.head.weight.detach().float().cpu())
+    hf.classifier.bias.copy_(model.head.bias.detach().float().cpu())
+    if verify:
+        _verify(model, hf, data_cfg.image_size)
+    os.makedirs(out_dir, exist_ok=True)
+    hf.save_pretrained(out_dir)  # config.json + model.safetensors
+    image_processor(data_cfg).save_pretrained(out_dir)
+    return hf
+
+
+def _verify(model, hf, size: int) -> None:
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with model.merged_eval():
+        want = model(x.to(device)).float().cpu()
+    model.train(was_training)
+    got = hf(pixel_values=x).logits
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        raise RuntimeError(f"export check failed: exported logits differ from the model's by "
+                           f"{(got - want).abs().max().item():.3g}")
+
+
+def export_run(run_dir: str, out_dir: str, verify: bool = True) -> str:
+    """Export the final model of a finished run (see load_final_model); returns out_dir."""
+    model, cfg, payload = load_final_model(run_dir)
+    export_model(model, payload["class_names"], cfg.data, out_dir, verify=verify)
+    return out_dir
+
+
+def predict_labels(out_dir: str, images: list, batch_size: int = 64, device: Optional[str] = None) -> list:
+    """Top-1 label names of PIL images through `pipeline("image-classification")` on the export."""
+    from transformers import pipeline
+    clf = pipeline("image-classification", model=out_dir, device=device)
+    return [r[0]["label"] for r in clf(images, top_k=1, batch_size=batch_size)]
