@@ -40,9 +40,12 @@ def make_case(t_count, d, rank, device, dtype, seed=0):
     return w, bias, tasks, inv_norms, mags, a_t, b_t
 
 
+IMPL = "auto"  # --impl
+
+
 def ours(x, w, bias, tasks, inv_norms, mags, a_t, b_t, a_f, b_f, col_task):
     s_f = (mags[:-1] * inv_norms[: len(tasks) - 1])[col_task]  # (R_f,) per-column scale
-    return stacked_lowrank_linear(x, w, bias, a_f, b_f, s_f, a_t, b_t, mags[-1])
+    return stacked_lowrank_linear(x, w, bias, a_f, b_f, s_f, a_t, b_t, mags[-1], impl=IMPL)
 
 
 def per_task_loop(x, w, bias, tasks, inv_norms, mags, a_t, b_t, *_):
@@ -80,15 +83,26 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, nargs="+", default=[1, 5, 10, 20])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--impl", default="auto", choices=["auto", "reference", "triton"],
+                    help="implementation of 'ours' (auto: Triton on CUDA, reference on CPU)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--stat", default="min", choices=["min", "median"],
                     help="per-variant statistic over rounds; min: on a shared machine contention only "
                          "adds time, so the fastest interleaved round estimates the uncontended cost")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's choice); 1 is far steadier on a shared machine")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (0 = torch's default). 1 by default: on a shared 2-core machine "
+                         "two OpenMP threads stall on each other's descheduling (steps varied 2x)")
+    ap.add_argument("--clock", default="auto", choices=["auto", "cpu", "wall"],
+                    help="auto: process CPU time on CPU with 1 thread (time the machine's other load "
+                         "cannot inflate; measured spread ~1-2%% vs ~50%% wall), wall clock otherwise")
     args = ap.parse_args()
-    if args.threads:
+    global IMPL
+    IMPL = args.impl
+    if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "auto":
+        args.clock = "cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     variants = {"ours": ours, "loop": per_task_loop, "plain": plain}
@@ -107,23 +121,24 @@ def main() -> None:
             for name, fn in variants.items():
                 x, dy, fn_args, params = cases[t]
                 sync(args.device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 step(fn, x, dy, fn_args, params)
                 sync(args.device)
                 if r:
-                    times[(name, t)].append(time.perf_counter() - t0)
+                    times[(name, t)].append(clock() - t0)
     med = {k: STATS[args.stat](v) * 1e3 for k, v in times.items()}
-    device = (f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)" if args.device == "cpu"
-              else torch.cuda.get_device_name())
+    device = (f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)"
+              if args.device == "cpu" else torch.cuda.get_device_name())
     print(f"stacked low-rank op, forward+backward, {args.tokens} x {args.d}, rank {args.rank}, "
-          f"{args.dtype}, {device}, {args.stat} of {args.rounds} rounds (ms)")
+          f"{args.dtype}, {device}, {args.stat} of {args.rounds} rounds, {args.clock} clock (ms)")
     print(f"{'T':>4} {'plain':>9} {'ours':>9} {'loop':>9} {'ours/plain':>11} {'loop/ours':>10}")
     for t in args.tasks:
         p, o, lp = med[("plain", t)], med[("ours", t)], med[("loop", t)]
         print(f"{t:>4} {p:9.2f} {o:9.2f} {lp:9.2f} {o / p:11.3f} {lp / o:10.3f}")
     t_lo, t_hi = min(args.tasks), max(args.tasks)
     result = {"bench": "stacked_lowrank", "device": device, "tokens": args.tokens, "d": args.d,
-              "rank": args.rank, "dtype": args.dtype, "rounds": args.rounds, "stat": args.stat,
+              "rank": args.rank, "impl": args.impl, "dtype": args.dtype, "rounds": args.rounds, "stat": args.stat,
+              "clock": args.clock,
               "ms": {f"{v}_t{t}": round(med[(v, t)], 3) for v in variants for t in args.tasks},
               f"ours_t{t_hi}_over_t{t_lo}": round(med[("ours", t_hi)] / med[("ours", t_lo)], 3),
               f"loop_over_ours_t{t_hi}": round(med[("loop", t_hi)] / med[("ours", t_hi)], 3),

@@ -101,15 +101,18 @@ def build_loop(ours):
 class Runner:
     """One model + its optimizer + a fixed batch; `step()` is the timed unit."""
 
-    def __init__(self, model, params, known, batch, device):
-        self.model, self.known = model, known
+    def __init__(self, model, params, known, batch, device, amp=None):
+        self.model, self.known, self.amp = model, known, amp
+        self.device_type = torch.device(device).type
         self.opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
         self.x = batch[0].to(device)
         self.y = batch[1].to(device)
 
     def step(self):
-        logits = self.model(self.x)                                        # (B, C_seen)
-        loss = F.cross_entropy(logits[:, self.known:], self.y)
+        # amp: mixed precision as accelerate's bf16/fp16 gives it (autocast over the forward)
+        with torch.autocast(self.device_type, dtype=self.amp, enabled=self.amp is not None):
+            logits = self.model(self.x)                                    # (B, C_seen)
+            loss = F.cross_entropy(logits[:, self.known:].float(), self.y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -127,14 +130,14 @@ def peak_step_bytes(runner) -> int:
     return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0)
 
 
-def timed(fn, device):
+def timed(fn, device, clock=time.perf_counter):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 STATS = {"min": min, "median": statistics.median}
@@ -153,14 +156,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--impl", default="auto", choices=["auto", "reference", "triton"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", default="no", choices=["no", "bfloat16", "float16"],
+                    help="autocast dtype for the training steps (fp32 weights, as under accelerate)")
     ap.add_argument("--stat", default="min", choices=["min", "median"],
                     help="per-variant statistic over rounds; min: on a shared machine contention only "
                          "adds time, so the fastest interleaved round estimates the uncontended cost")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's choice); 1 is far steadier on a shared machine")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (0 = torch's default). 1 by default: on a shared 2-core machine "
+                         "two OpenMP threads stall on each other's descheduling (steps varied 2x)")
+    ap.add_argument("--clock", default="auto", choices=["auto", "cpu", "wall"],
+                    help="auto: process CPU time on CPU with 1 thread (time the machine's other load "
+                         "cannot inflate; measured spread ~1-2%% vs ~50%% wall), wall clock otherwise")
     args = ap.parse_args()
-    if args.threads:
+    if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "auto":
+        args.clock = "cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     cfg = make_cfg(args)
     g = torch.Generator().manual_seed(0)
     batch = (torch.rand(args.batch, 3, args.image_size, args.image_size, generator=g),
@@ -173,12 +185,13 @@ def main() -> None:
             max_diff = max(max_diff, (ours(batch[0][:2].to(args.device)) -
                                       loop(batch[0][:2].to(args.device))).abs().max().item())
         known = ours.known_classes
-        runners[("ours", t)] = Runner(ours, ours.trainable_parameters(), known, batch, args.device)
-        runners[("loop", t)] = Runner(loop, loop_params, known, batch, args.device)
+        amp = None if args.amp == "no" else getattr(torch, args.amp)
+        runners[("ours", t)] = Runner(ours, ours.trainable_parameters(), known, batch, args.device, amp)
+        runners[("loop", t)] = Runner(loop, loop_params, known, batch, args.device, amp)
     times = {k: [] for k in runners}
     for r in range(args.rounds + 1):  # round 0 warms up and is dropped
         for key, runner in runners.items():
-            dt = timed(runner.step, args.device)
+            dt = timed(runner.step, args.device, clock)
             if r:
                 times[key].append(dt)
     ms = {k: STATS[args.stat](v) * 1e3 for k, v in times.items()}
@@ -195,15 +208,16 @@ def main() -> None:
     with torch.no_grad(), ours_hi.merged_eval():
         for r in range(2 * args.rounds + 1):  # forwards are cheap: twice the rounds, order flipped
             for name in (("merged", "plain") if r % 2 else ("plain", "merged")):  # each round
-                dt = timed(eval_fns[name], args.device)
+                dt = timed(eval_fns[name], args.device, clock)
                 if r:
                     eval_ms[name].append(dt)
     eval_med = {k: STATS[args.stat](v) * 1e3 for k, v in eval_ms.items()}
 
-    device = (f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)" if args.device == "cpu"
-              else torch.cuda.get_device_name())
+    device = (f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)"
+              if args.device == "cpu" else torch.cuda.get_device_name())
     print(f"SD-LoRA train step, ViT d={args.d} x {args.layers} layers, {args.image_size}px, batch {args.batch}, "
-          f"rank {args.rank}, {device}, {args.stat} of {args.rounds} rounds; ours vs loop logits max diff {max_diff:.2e}")
+          f"rank {args.rank}, {device}, {args.stat} of {args.rounds} rounds, {args.clock} clock; "
+          f"ours vs loop logits max diff {max_diff:.2e}")
     print(f"{'T':>4} {'ours ms':>9} {'loop ms':>9} {'loop/ours':>10} {'ours/ours_T1':>13}")
     for t in args.tasks:
         print(f"{t:>4} {ms[('ours', t)]:9.1f} {ms[('loop', t)]:9.1f} {ms[('loop', t)] / ms[('ours', t)]:10.3f} "
@@ -213,7 +227,7 @@ def main() -> None:
     result = {
         "bench": "train_step", "device": device, "batch": args.batch, "d": args.d, "layers": args.layers,
         "image_size": args.image_size, "rank": args.rank, "rounds": args.rounds, "stat": args.stat,
-        "impl": args.impl,
+        "clock": args.clock, "impl": args.impl, "amp": args.amp,
         "ms": {f"{v}_t{t}": round(x, 1) for (v, t), x in ms.items()},
         "peak_step_mib": {f"{v}_t{t}": round(b / 2**20, 1) for (v, t), b in peak.items()},
         f"ours_t{t_hi}_over_t{t_lo}": round(ms[("ours", t_hi)] / ms[("ours", t_lo)], 3),

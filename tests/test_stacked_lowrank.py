@@ -34,28 +34,29 @@ def make_tasks(t_count, d_in, d_out, zero_task=None, seed=0):
     return tasks
 
 
-def per_task_formula(x, w, bias, tasks, mags):
-    """SPEC section 1, one task at a time. mags: list of magnitude tensors (the last is m_t)."""
+def per_task_formula(x, w, bias, frozen, frozen_mags, cur):
+    """SPEC section 1, one task at a time. frozen: [(A_i, B_i, m_i, k_i)] for i < t with the
+    magnitude tensors in frozen_mags; cur: (A_t, B_t, m_t) or None (no task in training)."""
     y = x @ w.t()
     if bias is not None:
         y = y + bias
-    *frozen, (a_t, b_t, _, _) = tasks
-    for (a, b, _, k), m in zip(frozen, mags[:-1]):
+    for (a, b, _, k), m in zip(frozen, frozen_mags):
         norm = torch.linalg.norm(b) * torch.linalg.norm(a)
         if norm == 0:
             continue  # a zero direction contributes nothing; never divide by zero
         y = y + (m + k) * ((x @ a.t()) @ b.t()) / norm
-    return y + mags[-1] * ((x @ a_t.t()) @ b_t.t())
+    if cur is not None:
+        a_t, b_t, m_t = cur
+        y = y + m_t * ((x @ a_t.t()) @ b_t.t())
+    return y
 
 
-def stack_frozen(tasks, mags):
+def stack_frozen(frozen, frozen_mags, d_in, d_out):
     """The layer's view: A_f (R_f, d_in), B_f (d_out, R_f), s_f (R_f,) built from the magnitudes."""
-    frozen = tasks[:-1]
-    d_in, d_out = tasks[-1][0].shape[1], tasks[-1][1].shape[0]
     if not frozen:
-        return torch.zeros(0, d_in), torch.zeros(d_out, 0), torch.zeros(0) * mags[-1]
+        return torch.zeros(0, d_in), torch.zeros(d_out, 0), torch.zeros(0)
     scales = []
-    for (a, b, _, k), m in zip(frozen, mags[:-1]):
+    for (a, b, _, k), m in zip(frozen, frozen_mags):
         norm = torch.linalg.norm(b) * torch.linalg.norm(a)
         scale = (m + k) / norm if norm > 0 else m * 0.0
         scales.append(scale.expand(a.shape[0]))
@@ -76,41 +77,47 @@ def leaf(t):
 
 
 @pytest.mark.parametrize("t_count", [1, 3, 20])
+@pytest.mark.parametrize("current", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("d_in,d_out", [(37, 50), (50, 37)])
-def test_matches_per_task_formula(t_count, bias, d_in, d_out, backward_path):
+def test_matches_per_task_formula(t_count, current, bias, d_in, d_out, backward_path):
+    """T tasks of mixed ranks; current=True: the last one trains (T - 1 frozen), current=False:
+    all T are frozen and no current task exists (a_cur = b_cur = m_cur = None)."""
     torch.manual_seed(t_count)
-    tasks = make_tasks(t_count, d_in, d_out, zero_task=1 if t_count > 1 else None)
+    tasks = make_tasks(t_count, d_in, d_out, zero_task=1 if t_count > 2 else None)
     w = torch.randn(d_out, d_in) * 0.2
     b = torch.randn(d_out) if bias else None
     x0 = torch.randn(3, 5, d_in)  # (B, N, d_in)
-    a_t, b_t, m_t, _ = tasks[-1]
-    b_t = b_t + 0.05  # a trained current task: B_t != 0 so that dA_t is not trivially zero
+    n_frozen = t_count - 1 if current else t_count
 
     def run(use_ours):
         x = leaf(x0)
         mags = [leaf(m) for _, _, m, _ in tasks]
-        a_c, b_c = leaf(a_t), leaf(b_t)
-        ts = tasks[:-1] + [(a_c, b_c, None, None)]
+        cur = None
+        if current:
+            a_t, b_t, _, _ = tasks[-1]
+            # a trained current task: B_t != 0 so that dA_t is not trivially zero
+            cur = (leaf(a_t), leaf(b_t + 0.05), mags[-1])
+        frozen, frozen_mags = tasks[:n_frozen], mags[:n_frozen]
         if use_ours:
-            a_f, b_f, s_f = stack_frozen(ts, mags)
-            y = stacked_lowrank_linear(x, w, b, a_f, b_f, s_f, a_c, b_c, mags[-1])
+            a_f, b_f, s_f = stack_frozen(frozen, frozen_mags, d_in, d_out)
+            y = stacked_lowrank_linear(x, w, b, a_f, b_f, s_f, *(cur or (None, None, None)))
         else:
-            y = per_task_formula(x, w, b, ts, mags)
+            y = per_task_formula(x, w, b, frozen, frozen_mags, cur)
         (y * torch.linspace(-1, 1, d_out)).sum().backward()  # a non-uniform upstream gradient
-        return y, x.grad, [m.grad for m in mags], a_c.grad, b_c.grad
+        cur_grads = [cur[0].grad, cur[1].grad] if cur else []
+        return [y, x.grad] + cur_grads, [m.grad for m in mags]
 
-    ours, ref = run(True), run(False)
-    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=1e-5)
-    for i, (g_o, g_r) in enumerate(zip(ours[2], ref[2])):
-        if i == 1 and t_count > 1:
+    (ours, ours_m), (ref, ref_m) = run(True), run(False)
+    assert len(ours) == len(ref) == (4 if current else 2)
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for i, (g_o, g_r) in enumerate(zip(ours_m, ref_m)):
+        if i == 1 and t_count > 2:
             # zero direction: the oracle skips it, so it never sees m_1; ours gives it scale 0 * m_1
             assert g_r is None and torch.count_nonzero(g_o) == 0
-            continue
-        torch.testing.assert_close(g_o, g_r, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours[3], ref[3], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours[4], ref[4], rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(g_o, g_r, rtol=1e-5, atol=1e-5)
 
 
 def naive(x, w, bias, a_f, b_f, s_f, a_c, b_c, m_c):
@@ -178,8 +185,11 @@ def test_needs_input_grad_is_respected():
 
 def test_cost_model_picks_projections_for_few_columns_and_dense_for_many():
     assert not sl._dense_is_cheaper(25_000, 768, 768, 190, 10)  # ViT-B, 20 tasks
-    assert sl._dense_is_cheaper(25_000, 384, 384, 400, 10)      # R_f > d / 2
+    assert sl._dense_is_cheaper(25_000, 384, 384, 190, 10)      # ViT-S, 20 tasks
+    assert not sl._dense_is_cheaper(25_000, 384, 384, 90, 10)   # ViT-S, 10 tasks
+    assert sl._dense_is_cheaper(25_000, 384, 384, 400, 10)      # R_f > d
     assert not sl._dense_is_cheaper(25_000, 384, 384, 0, 10)    # current task only
+    assert not sl._dense_is_cheaper(25_000, 384, 384, 0, 0)     # nothing to reduce
 
 
 def test_bf16_safe_mode_keeps_a_small_current_update():

@@ -81,6 +81,14 @@ def _colsum_torch(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.T
     return (p.float() * q.float()).sum(0)
 
 
+# Skinny projections (N = R columns) run at a fraction of the efficiency of the square dy^T x GEMM
+# (memory-bound, and on CPU the current task's r = 10 products are slower still). Measured on CPU
+# (1 thread, BN = 1576, fwd+bwd of the op, ms proj/dense): d = 384: T=10 16.9/17.4, T=20 21.3/17.9;
+# d = 768: T=20 60.6/67.6. A penalty of 1.5 on the projection count picks the faster path in all
+# eight measured cases (T = 1, 5, 10, 20 at both widths). Not yet measured on a GPU.
+_PROJ_PENALTY = 1.5
+
+
 def _dense_is_cheaper(bn: int, d_in: int, d_out: int, r_f: int, r_c: int) -> bool:
     """Cost model (multiply-adds) for the backward's reductions; r_f frozen columns needing ds,
     r_c current columns needing dA/dB/dm (0 when nothing of the current task needs a gradient).
@@ -89,10 +97,11 @@ def _dense_is_cheaper(bn: int, d_in: int, d_out: int, r_f: int, r_c: int) -> boo
                  dB_cur = dy^T P_c:                       BN (r_f + 2 r_c) (d_in + d_out)
     dense:       G = dy^T x (the frozen-weight gradient, BN d_in d_out) once, then G A^T and
                  B_cur^T G, batch-independent:            BN d_in d_out + d_in d_out (r_f + 2 r_c)
-    For a square d x d layer that is 2 BN d R_f vs BN d^2: projections win while R_f < d / 2
-    (ViT-B, 20 tasks of rank 10: R_f = 190 < 384), the dense gradient beyond that (ViT-S at 20
-    tasks sits right at the crossover). Both cost the same memory order (BN x R vs d x d)."""
-    proj = bn * (r_f + 2 * r_c) * (d_in + d_out)
+    For a square d x d layer that is 2 BN d R_f vs BN d^2: by flops projections win while
+    R_f < d / 2; with the measured efficiency penalty (_PROJ_PENALTY) while R_f < ~d / 3. ViT-B
+    (d = 768) at 20 tasks of rank 10 (R_f = 190) stays on projections, ViT-S (d = 384) switches to
+    the dense gradient between 10 and 20 tasks. Memory: BN x R for projections, d x d for dense."""
+    proj = _PROJ_PENALTY * bn * (r_f + 2 * r_c) * (d_in + d_out)
     dense = bn * d_in * d_out + d_in * d_out * (r_f + 2 * r_c)
     return dense < proj
 
