@@ -1,0 +1,162 @@
+"""The shard index (index.json written by shards/): classes, per-split counts, shards, checksums.
+
+Everything the loader plans (which shards a task reads, how many samples and batches each rank
+gets) comes from here, without opening a tar. `ShardIndex.load` fails before training starts,
+with one line saying what is wrong, where, and how to fix it, for: a missing index, a wrong
+format, a listed shard that is missing, and (when verifying) a sha256 mismatch.
+`check_against` compares the index with the run config (class count, split names).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterable, Sequence
+
+FORMAT = "sdlora-ds-shards/1"
+_FIX = "rebuild it with a converter, e.g. `python -m shards.digits --out data/digits`"
+
+
+def _sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+class ShardIndex:
+    """A loaded, validated index. Class id = position in `class_names`."""
+
+    def __init__(self, raw: dict, path: str):
+        self.raw = raw
+        self.path = os.path.abspath(path)
+        self.root = os.path.dirname(self.path)
+        self.dataset: str = raw["dataset"]
+        self.class_names: list[str] = list(raw["class_names"])
+        self.num_classes: int = int(raw["num_classes"])
+        self.splits: list[str] = list(raw["splits"])
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str, verify_checksums: bool = False) -> "ShardIndex":
+        if not os.path.isfile(path):
+            raise ValueError(f"shard index {path!r} does not exist; set data.index to the index.json "
+                             f"of a shard folder or {_FIX}")
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"shard index {path!r} is not readable JSON ({e}); {_FIX}") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"shard index {path!r} has format {got!r}, expected {FORMAT!r}; {_FIX}")
+        cls._check_structure(raw, path)
+        index = cls(raw, path)
+        for split in index.splits:
+            for sh in raw["splits"][split]["shards"]:
+                full = index._abs(sh["path"])
+                if not os.path.isfile(full):
+                    raise ValueError(f"shard {full!r} (split {split!r}) listed in {path!r} is missing; copy "
+                                     f"the whole shard folder or re-run the converter that wrote it")
+                if verify_checksums:
+                    got = _sha256(full)
+                    if got != sh["sha256"]:
+                        raise ValueError(f"shard {full!r} has sha256 {got[:16]}..., the index {path!r} says "
+                                         f"{sh['sha256'][:16]}...: the file is damaged or from another "
+                                         f"conversion; re-copy it or re-run the converter")
+        return index
+
+    @staticmethod
+    def _check_structure(raw: dict, path: str) -> None:
+        def bad(what: str) -> ValueError:
+            return ValueError(f"shard index {path!r} is malformed: {what}; {_FIX}")
+        for k in ("dataset", "class_names", "num_classes", "splits"):
+            if k not in raw:
+                raise bad(f"missing key {k!r}")
+        n = raw["num_classes"]
+        if not isinstance(raw["class_names"], list) or len(raw["class_names"]) != n:
+            raise bad(f"class_names has {len(raw['class_names'])} entries but num_classes = {n}")
+        if not isinstance(raw["splits"], dict) or not raw["splits"]:
+            raise bad("'splits' must be a non-empty object")
+        for split, s in raw["splits"].items():
+            for k in ("num_samples", "per_class", "shards"):
+                if k not in s:
+                    raise bad(f"split {split!r} lacks {k!r}")
+            if len(s["per_class"]) != n:
+                raise bad(f"split {split!r} per_class has {len(s['per_class'])} entries, expected {n}")
+            total = 0
+            for sh in s["shards"]:
+                for k in ("path", "num_samples", "classes", "per_class", "sha256"):
+                    if k not in sh:
+                        raise bad(f"a shard of split {split!r} lacks {k!r}")
+                if sum(sh["per_class"].values()) != sh["num_samples"]:
+                    raise bad(f"shard {sh['path']!r}: per_class sums to {sum(sh['per_class'].values())}, "
+                              f"num_samples = {sh['num_samples']}")
+                if any(not 0 <= int(c) < n for c in sh["per_class"]):
+                    raise bad(f"shard {sh['path']!r} lists a class id outside 0..{n - 1}")
+                total += sh["num_samples"]
+            if total != s["num_samples"] or sum(s["per_class"]) != total:
+                raise bad(f"split {split!r}: shards hold {total} samples, per_class sums to "
+                          f"{sum(s['per_class'])}, num_samples = {s['num_samples']}")
+
+    # ------------------------------------------------------------------ queries
+    def _abs(self, rel: str) -> str:
+        return os.path.normpath(os.path.join(self.root, rel))
+
+    def _split(self, split: str) -> dict:
+        if split not in self.raw["splits"]:
+            raise ValueError(f"split {split!r} is not in shard index {self.path!r}; it has {self.splits}")
+        return self.raw["splits"][split]
+
+    def _classes(self, class_ids: Iterable[int]) -> set[int]:
+        ids = {int(c) for c in class_ids}
+        bad = sorted(c for c in ids if not 0 <= c < self.num_classes)
+        if bad:
+            raise ValueError(f"class ids {bad[:5]} are outside 0..{self.num_classes - 1} of shard index "
+                             f"{self.path!r}")
+        return ids
+
+    def count(self, split: str, class_ids: Iterable[int]) -> int:
+        """Samples of `class_ids` in `split`."""
+        per_class = self._split(split)["per_class"]
+        return sum(per_class[c] for c in self._classes(class_ids))
+
+    def shards(self, split: str, class_ids: Iterable[int]) -> list[tuple[str, int, dict]]:
+        """(absolute path, samples of class_ids in it, {class id: count}) for every shard of `split`
+        holding any of `class_ids`, in index order."""
+        ids = self._classes(class_ids)
+        out = []
+        for sh in self._split(split)["shards"]:
+            per = {int(c): int(k) for c, k in sh["per_class"].items()}
+            n = sum(k for c, k in per.items() if c in ids)
+            if n:
+                out.append((self._abs(sh["path"]), n, per))
+        return out
+
+    def shard_paths(self, split: str, class_ids: Iterable[int]) -> list[str]:
+        """Absolute paths of only the shards of `split` that hold any of `class_ids` (index order)."""
+        return [p for p, _, _ in self.shards(split, class_ids)]
+
+    def check_against(self, num_classes: int, splits: Sequence[str]) -> None:
+        """ValueError naming the config field when the config does not match this index.
+        `splits` = [data.train_split, data.test_split] (further entries are named data.splits[i])."""
+        if num_classes != self.num_classes:
+            raise ValueError(f"config field 'cil.num_classes' = {num_classes} but shard index {self.path!r} "
+                             f"({self.dataset}) has {self.num_classes} classes; set cil.num_classes = "
+                             f"{self.num_classes} (and init_classes/increment/num_tasks to match)")
+        names = ["data.train_split", "data.test_split"]
+        for i, split in enumerate(splits):
+            if split not in self.raw["splits"]:
+                field = names[i] if i < len(names) else f"data.splits[{i}]"
+                raise ValueError(f"config field '{field}' = {split!r} is not a split of shard index "
+                                 f"{self.path!r}; available: {self.splits}")
+            if self.raw["splits"][split]["num_samples"] == 0:
+                field = names[i] if i < len(names) else f"data.splits[{i}]"
+                raise ValueError(f"config field '{field}' = {split!r}: that split of {self.path!r} is empty")
+
+    def __repr__(self) -> str:
+        counts = {s: self.raw["splits"][s]["num_samples"] for s in self.splits}
+        return f"ShardIndex({self.dataset!r}, {self.num_classes} classes, {counts}, root={self.root!r})"

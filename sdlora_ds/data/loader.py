@@ -1,0 +1,335 @@
+"""Per-task data streams over the shards: exact, equal batch counts on every rank.
+
+`build_loader(index, cfg, split=, class_ids=, train=, batch_size=, rank=, world_size=, seed=,
+epoch=, start_batch=)` returns a DataLoader of (images float32 (B, 3, S, S), labels int64 (B,)); labels
+are the index's class ids. Build one per epoch (or call `loader.dataset.set_epoch(e)`). start_batch=k
+yields the rank's batches k, k+1, ... of the same plan, without reading or decoding the first k (a
+run resumed mid-epoch).
+
+The recipe (everything is planned from the index, no tar is opened to plan):
+
+1. Task stream. The task's shards (only those holding `class_ids`) in index order, and in each
+   shard its samples of `class_ids` in tar order, numbered p = 0..N-1 (N from the index).
+2. Train epoch, one global order shared by all ranks (numpy Generators seeded by (seed, epoch), no
+   rank in them): the shards in a seeded order (shard-level shuffle), their samples in tar order,
+   through a shuffle buffer of data.shuffle_buffer samples (sample-level shuffle; simulated on
+   positions, so every worker knows the order before reading a byte). The last N % world_size
+   samples of that order rest this epoch (different ones every epoch); the N' = N - N % world_size
+   others are cut into global batches of G = batch_size * world_size: step s covers positions
+   [sG, sG + G) and rank r takes the slice [sG + r*B, sG + (r+1)*B); a short last global batch
+   (N' % G samples, a multiple of world_size) is split equally. So every rank yields
+   N' / world_size samples in ceil(N' / G) batches, and as long as batch_size * world_size stays
+   the same (the trainer fixes the global batch), a step sees the same samples on 1 or 8 ranks.
+3. Eval: rank r takes the samples with p % world_size == r, in index order (no shuffle), padded
+   with samples of label -1 (zero images) up to ceil(N / world_size). Every test sample is yielded
+   exactly once over all ranks; the trainer ignores label -1.
+4. Workers: DataLoader worker w builds the rank's batches j = w, w + W, ... (W workers) and the
+   DataLoader interleaves workers round-robin, so the batch order does not depend on W. A worker
+   reads, from the shards, only the bytes of samples in its own batches (tars are opened seekable;
+   other members are skipped, not read) and decodes only those. `len(loader)` is computed from
+   the index and is exactly what the rank yields.
+5. Augmentation randomness is seeded per sample from (seed, epoch, global position), inside
+   torch.random.fork_rng: identical crops with any worker count or world size, and the caller's
+   RNG is untouched.
+
+Bad data (`BadDataError`, a RuntimeError naming shard and key): a sample without .cls, a
+non-integer or out-of-range class id, a class the index does not list for that shard, an image
+member that is missing, unreadable or does not decode, a tar that cannot be read to its end, a
+shard with fewer samples of a class than the index says. Each is logged (shard, key, reason) and
+counted per DataLoader worker and epoch (a shard problem seen by several workers is counted by
+each); once the count passes data.bad_sample_tolerance (default 0: the first one) the worker
+raises and the DataLoader re-raises in the trainer. Tolerated bad samples keep their place so the
+batch counts stay exact: in training the slot is filled with a copy of another sample of the same
+batch (or the worker's previous sample); in evaluation it becomes a label -1 padding sample.
+A shard with MORE samples of the task's classes than the index says is always an error (the index
+is out of date).
+
+DataLoader workers are forked on Linux (even where the default start method is 'spawn'): they
+start in milliseconds and share the cache's memory. persistent_workers is off: a new loader per
+epoch starts new workers with the new epoch's plan.
+
+Cache (`TaskCache`, data.cache_task): the task split's encoded samples (all of them: with a global
+order, any rank may need any sample in a later epoch), read once in the main process; DataLoader
+workers inherit it (fork) and later epochs read no tar. One cache holds one (index, split,
+classes); asked for another, it is refilled.
+"""
+from __future__ import annotations
+
+import io
+import math
+import sys
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from sdlora_ds.data.index import ShardIndex
+from sdlora_ds.data.reader import BadDataError, BadCounter, SampleRec, scan_shard, ShardRef
+from sdlora_ds.data.transforms import build_transform
+
+__all__ = ["BadDataError", "TaskCache", "build_loader", "clear_caches"]
+
+
+def _own_ks(sh: ShardRef, rank: int, world: int) -> range:
+    """Positions k in the shard owned by `rank`: (sh.start + k) % world == rank."""
+    return range((rank - sh.start) % world, sh.count, world)
+
+
+def _buffer_order(n: int, buf: int, rng: np.random.Generator) -> list[int]:
+    """Output order (input positions) of a shuffle buffer of size `buf` over n items: fill the
+    buffer, then emit a random slot and refill it with the next input; drain shuffled. Computed on
+    positions only, so every worker knows which sample comes out where before reading any."""
+    if n <= buf:
+        return [int(i) for i in rng.permutation(n)]
+    slots = list(range(buf))
+    picks = rng.integers(0, buf, size=n - buf)
+    out = []
+    for i, j in zip(range(buf, n), picks):
+        out.append(slots[j])
+        slots[j] = i
+    out.extend(slots[i] for i in rng.permutation(buf))
+    return out
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class TaskCache:
+    """The encoded samples of one task split, kept in memory across the epochs of a task.
+
+    Pass the same object to every build_loader call of the task (train split). It is filled by the
+    first call (one read of the task's shards in the calling process); workers inherit it."""
+
+    def __init__(self):
+        self.key: Optional[tuple] = None
+        self.items: dict[tuple[int, int], SampleRec] = {}
+        self.nbytes = 0
+
+    def clear(self) -> None:
+        self.key, self.items, self.nbytes = None, {}, 0
+
+    def _fill(self, key: tuple, shards: list, keep: frozenset, num_classes: int,
+              on_bad: Callable[..., None]) -> None:
+        self.clear()
+        for si, sh in enumerate(shards):
+            for rec in scan_shard(si, sh, keep, num_classes, lambda k: True, sh.count - 1, on_bad):
+                self.items[(si, rec.k)] = rec
+                self.nbytes += len(rec.data or b"")
+        self.key = key
+
+
+class _TaskStream(IterableDataset):
+    """Yields whole batches (images (B, 3, S, S), labels (B,)); see the module docstring."""
+
+    def __init__(self, index: ShardIndex, cfg, split: str, class_ids: Sequence[int], train: bool,
+                 batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+                 cache: Optional[TaskCache], start_batch: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not in 0..world_size-1 (world_size={world_size})")
+        self.keep = frozenset(int(c) for c in class_ids)
+        self.split, self.train, self.batch_size = split, train, batch_size
+        self.rank, self.world, self.seed, self.epoch = rank, world_size, seed, epoch
+        self.num_classes = index.num_classes
+        self.image_size = cfg.image_size
+        self.shuffle_buffer = cfg.shuffle_buffer
+        self.tolerance = cfg.bad_sample_tolerance
+        self.transform = build_transform(cfg, train)
+        self.shards: list[ShardRef] = []
+        start = 0
+        for path, n, per in index.shards(split, self.keep):
+            self.shards.append(ShardRef(path, n, frozenset(per), start))
+            start += n
+        self.total = start  # N: task samples in the split
+        if self.total != index.count(split, self.keep):  # per-shard and per-split counts disagree
+            raise ValueError(f"shard index {index.path!r}: split {split!r} per_class counts and shard "
+                             f"counts disagree for classes {sorted(self.keep)[:8]}; re-run the converter")
+        if train:
+            self.n = self.total // world_size  # samples per rank
+            if self.n == 0:
+                raise ValueError(f"split {split!r} holds {self.total} samples of classes "
+                                 f"{sorted(self.keep)[:8]}..., fewer than world_size={world_size} ranks")
+        else:
+            self.n = math.ceil(self.total / world_size)
+        self.num_batches = math.ceil(self.n / batch_size)
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch={start_batch}: this stream has {self.num_batches} batches")
+        self.start_batch = start_batch  # batches before it are skipped unread (resume mid-epoch)
+        self.cache = cache
+        if cache is not None:
+            key = (index.path, split, tuple(sorted(self.keep)))
+            if cache.key != key:
+                cache._fill(key, self.shards, self.keep, self.num_classes, BadCounter(self.tolerance).add)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches - self.start_batch
+
+    # ------------------------------------------------------------------ planning
+    def _plan(self) -> tuple[list, list[list[int]], Optional[list[list[int]]]]:
+        """(items, batches, positions): items = the input sequence of (shard, k) in reading order
+        (None = eval padding); batches[j] = input positions of the rank's batch j; positions[j] =
+        their global output positions (train: they seed the augmentation), None for eval."""
+        B, world, r = self.batch_size, self.world, self.rank
+        if not self.train:
+            items: list = [(si, k) for si, sh in enumerate(self.shards) for k in _own_ks(sh, r, world)]
+            items += [None] * (self.n - len(items))
+            return items, [list(range(j * B, min((j + 1) * B, self.n))) for j in range(self.num_batches)], None
+        order = np.random.default_rng([self.seed, self.epoch, 0x5D]).permutation(len(self.shards))
+        items = [(int(si), k) for si in order for k in range(self.shards[si].count)]
+        out_to_in = _buffer_order(self.total, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, 2]))
+        used = self.n * world  # N': the last N % world of the global order rest this epoch
+        G = B * world
+        full = used // G
+        tail = (used - full * G) // world  # per-rank share of a short last global batch
+        positions = [list(range(s * G + r * B, s * G + (r + 1) * B)) for s in range(full)]
+        if tail:
+            positions.append(list(range(full * G + r * tail, full * G + (r + 1) * tail)))
+        assert len(positions) == self.num_batches and sum(map(len, positions)) == self.n
+        return items, [[out_to_in[q] for q in qs] for qs in positions], positions
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        items, batches, positions = self._plan()
+        # worker w takes batches start+w, start+w+W, ...: the DataLoader's round-robin over workers
+        # then yields start, start+1, ... in order, whatever W
+        my_batches = range(self.start_batch + wid, self.num_batches, nw)
+        needed_in = sorted(i for j in my_batches for i in batches[j])
+        bad = BadCounter(self.tolerance)
+        source = self._records(items, needed_in, bad.add)
+        pending: dict[int, Optional[SampleRec]] = {}
+        last_good: Optional[tuple[torch.Tensor, int]] = None
+        for j in my_batches:
+            recs = []
+            for i in batches[j]:
+                while i not in pending:
+                    pos, rec = next(source)
+                    pending[pos] = rec
+                recs.append(pending.pop(i))
+            seeds = [_seed(self.seed, self.epoch, q, 3) for q in positions[j]] if positions else None
+            images, labels, last_good = self._batch(recs, seeds, bad, last_good)
+            yield images, labels
+        for _ in source:  # finish the scan: a shard with samples the index does not know raises here
+            pass
+
+    def _records(self, items, needed_in: list[int], on_bad) -> Iterator[tuple[int, Optional[SampleRec]]]:
+        """(input position, record) for every needed input position, in reading order."""
+        pos_of = {it: i for i, it in enumerate(items) if it is not None}
+        for i in needed_in:  # padding positions come first: they need no reading
+            if items[i] is None:
+                yield i, None
+        by_shard: dict[int, set[int]] = {}
+        for i in needed_in:
+            if items[i] is not None:
+                by_shard.setdefault(items[i][0], set()).add(items[i][1])
+        shard_order = list(dict.fromkeys(it[0] for it in items if it is not None))
+        for si in shard_order:
+            ks = by_shard.get(si)
+            if not ks:
+                continue
+            if self.cache is not None:
+                for k in sorted(ks):
+                    yield pos_of[(si, k)], self.cache.items[(si, k)]
+                continue
+            for rec in scan_shard(si, self.shards[si], self.keep, self.num_classes, ks.__contains__,
+                                  max(ks), on_bad):
+                if rec.k in ks:
+                    yield pos_of[(si, rec.k)], rec
+
+    def _decode(self, rec: SampleRec, bad: "BadCounter") -> Optional[torch.Tensor]:
+        from PIL import Image
+        if rec.bad is not None:
+            if not rec.key.startswith("<missing"):  # missing ones were reported by the scan
+                bad.add(self.shards[rec.shard].path, rec.key, rec.bad)
+            return None
+        try:
+            with Image.open(io.BytesIO(rec.data)) as img:
+                img.load()
+                return self.transform(img)  # float32 (3, S, S)
+        except Exception as e:  # PIL raises many types for corrupt data; name the sample instead
+            bad.add(self.shards[rec.shard].path, rec.key, f"image does not decode: {type(e).__name__}: {e}")
+            return None
+
+    def _batch(self, recs: list, seeds: Optional[list[int]], bad: "BadCounter", last_good):
+        s = self.image_size
+        imgs: list[Optional[torch.Tensor]] = []
+        labels: list[int] = []
+        with torch.random.fork_rng(devices=[]):
+            for n, rec in enumerate(recs):
+                if rec is None:  # eval padding
+                    imgs.append(torch.zeros(3, s, s))
+                    labels.append(-1)
+                    continue
+                if seeds is not None:
+                    # the CPU generator only: torch.manual_seed would also reseed CUDA, which
+                    # fork_rng(devices=[]) does not restore
+                    torch.random.default_generator.manual_seed(seeds[n])
+                x = self._decode(rec, bad)
+                imgs.append(x)
+                labels.append(rec.label if x is not None else -1)
+        if any(x is None for x in imgs):
+            self._substitute(imgs, labels, last_good, recs)
+        good = [(x, y) for x, y in zip(imgs, labels) if y >= 0]
+        if good:
+            last_good = good[-1]
+        return torch.stack(imgs), torch.tensor(labels, dtype=torch.int64), last_good
+
+    def _substitute(self, imgs, labels, last_good, recs) -> None:
+        """Fill tolerated bad slots: eval -> label -1 padding; train -> a copy of a good sample."""
+        s = self.image_size
+        good = [i for i, (x, y) in enumerate(zip(imgs, labels)) if x is not None and y >= 0]
+        for i, x in enumerate(imgs):
+            if x is not None:
+                continue
+            if not self.train:
+                imgs[i], labels[i] = torch.zeros(3, s, s), -1
+            elif good:
+                src = min(good, key=lambda g: abs(g - i))
+                imgs[i], labels[i] = imgs[src].clone(), labels[src]
+            elif last_good is not None:
+                imgs[i], labels[i] = last_good[0].clone(), last_good[1]
+            else:
+                r = recs[i]
+                raise BadDataError(f"shard {self.shards[r.shard].path} key {r.key}: bad sample tolerated but no "
+                                   f"good sample to stand in for it yet (a whole batch is bad)")
+
+
+_DEFAULT_CACHES: dict[tuple[str, str], TaskCache] = {}
+
+
+def clear_caches() -> None:
+    """Drop the caches build_loader keeps for data.cache_task when no cache is passed."""
+    _DEFAULT_CACHES.clear()
+
+
+def build_loader(index: ShardIndex, cfg, *, split: str, class_ids: Sequence[int], train: bool,
+                 batch_size: int, rank: int, world_size: int, seed: int, epoch: int = 0,
+                 num_workers: Optional[int] = None, cache: Optional[TaskCache] = None,
+                 start_batch: int = 0) -> DataLoader:
+    """DataLoader of (images float32 (B, 3, S, S), labels int64 (B,)) for one task split on one rank.
+
+    cfg: sdlora_ds.config.DataConfig. len(loader) is exact and equal on every rank. `cache`: a
+    TaskCache kept by the caller across the epochs of one task; when None and cfg.cache_task is set,
+    training streams use a module-level cache per (index, split), refilled when the task changes."""
+    if cache is None and cfg.cache_task and train:
+        cache = _DEFAULT_CACHES.setdefault((index.path, split), TaskCache())
+    ds = _TaskStream(index, cfg, split, class_ids, train, batch_size, rank, world_size, seed, epoch, cache,
+                     start_batch)
+    nw = cfg.num_workers if num_workers is None else num_workers
+    # Own generator: the DataLoader draws its worker base seed from it, not from the caller's RNG.
+    gen = torch.Generator().manual_seed(_seed(seed, epoch, rank, 4))
+    # Workers are forked on Linux, whatever the default start method (spawned processes, e.g. from
+    # torch.multiprocessing.spawn, default to 'spawn'): fork starts in milliseconds instead of
+    # re-importing torch, and workers share the TaskCache pages instead of unpickling a copy.
+    # Workers never touch CUDA, so forking a CUDA parent is safe.
+    ctx = "fork" if nw > 0 and sys.platform.startswith("linux") else None
+    return DataLoader(ds, batch_size=None, num_workers=nw, persistent_workers=False, generator=gen,
+                      multiprocessing_context=ctx, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=2 if nw > 0 else None)
