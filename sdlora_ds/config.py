@@ -280,14 +280,15 @@ class OptimConfig:
 
 @dataclass
 class DistConfig:
-    mixed_precision: str = "no"
-    """'no', 'bf16' or 'fp16' (bf16 on GPU is what the accelerate configs in launch/ choose)."""
+    mixed_precision: str = "auto"
+    """'auto' (the launcher's choice: bf16 in the GPU accelerate configs of launch/, 'no' in the CPU
+    ones and without a launcher), 'no', 'bf16' or 'fp16' (override the launcher)."""
     timeout_s: int = 1800
     """Collective timeout: a rank stuck this long (a dead peer) fails the run instead of hanging."""
 
     def validate(self, p: str) -> None:
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            _fail(f"{p}.mixed_precision", self.mixed_precision, "allowed: 'no', 'bf16', 'fp16'")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            _fail(f"{p}.mixed_precision", self.mixed_precision, "allowed: 'auto', 'no', 'bf16', 'fp16'")
         if self.timeout_s <= 0:
             _fail(f"{p}.timeout_s", self.timeout_s, "must be > 0")
 

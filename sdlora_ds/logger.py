@@ -9,15 +9,27 @@ import numpy as np
 
 
 class MetricLogger:
-    def __init__(self, run_dir: str, enabled: bool):
+    """resume=(step, jsonl_bytes) continues a resumed run's logs from a checkpoint: TensorBoard hides
+    the events of steps > step written before (purge_step) and metrics.jsonl is cut back to the
+    jsonl_bytes it held when the checkpoint was taken, so nothing is logged twice."""
+
+    def __init__(self, run_dir: str, enabled: bool, resume: Optional[tuple] = None):
         self.enabled = enabled
         self.writer = None
         self._jsonl = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.tb_dir = os.path.join(run_dir, "tensorboard")
-            self.writer = SummaryWriter(self.tb_dir)
-            self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+            self.writer = SummaryWriter(self.tb_dir, purge_step=None if resume is None else resume[0] + 1)
+            path = os.path.join(run_dir, "metrics.jsonl")
+            if resume is not None and os.path.exists(path):
+                with open(path, "r+b") as f:
+                    f.truncate(min(resume[1], os.path.getsize(path)))
+            self._jsonl = open(path, "a", buffering=1)
+
+    def jsonl_bytes(self) -> int:
+        """Current length of metrics.jsonl (recorded in checkpoints; lines are flushed as written)."""
+        return self._jsonl.tell() if self.enabled else 0
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if not self.enabled:

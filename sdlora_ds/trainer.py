@@ -1,38 +1,49 @@
 """The continual-learning loop, layer by layer:
 
-    run -> train_task(t) -> [before_task, train_epoch x epochs, evaluate, after_task]
+    run -> train_task(t) -> [before_task, build_engine, train_epoch x epochs, evaluate, after_task,
+                             checkpoint]
     train_epoch -> train_step (one optimizer step) -> forward_backward (one micro-batch)
 
 Every rank runs the same loop with the same decisions (class order, schedule, batch plan) derived
-from the config; only rank 0 prints, logs and writes results.
+from the config; only rank 0 prints, logs and writes results. Where the run stands is `position`
+= (task, epoch, optimizer step within the epoch) of the next step to take: that, with the model,
+the optimizer/engine, the RNG states and the metrics so far, is what a checkpoint holds
+(`state_dict` here; trainer_state.py writes and reads it with the rest), so a resumed run takes exactly the steps the
+uninterrupted one would have taken.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import nullcontext
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import metrics as M
+from .checkpoint import Checkpoints
 from .cil import TaskSchedule
 from .config import RunConfig, config_to_dict, dump_config
 from .data import ShardIndex, build_loader
-from .distributed import configure_deepspeed_batch, make_accelerator, sum_across_ranks, uses_deepspeed
-from .logger import MetricLogger, flatten
+from .distributed import (PeerMonitor, configure_deepspeed_batch, gathered, held_elements, make_accelerator,
+                          merged_eval, sum_across_ranks, uses_deepspeed, zero_stage)
 from .export import FINAL_MODEL, save_final_model
+from .logger import MetricLogger, flatten
 from .model import build_model
+from . import trainer_state as S
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, accelerator=None):
+    def __init__(self, cfg: RunConfig, accelerator=None, resume: Optional[str] = None):
+        """resume: None (a fresh run; refused if the run folder already holds checkpoints), 'auto'
+        (the newest complete checkpoint of the run folder, if any) or a checkpoint folder."""
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(cfg)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
+        self.deepspeed, self.stage = uses_deepspeed(self.acc), zero_stage(self.acc)
         self.micro, self.accum = cfg.optim.batch_plan(self.world)  # ConfigError before any work
         configure_deepspeed_batch(self.acc, self.micro, self.accum)
         self.schedule = TaskSchedule.from_config(cfg.cil)
@@ -41,70 +52,155 @@ class Trainer:
         self.index.check_against(cfg.cil.num_classes, [cfg.data.train_split, cfg.data.test_split])
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg)  # cfg.method: 'sdlora' or a baseline
+        # A resumed run must sit on the same backbone weights.
+        self.fingerprint = S.backbone_fingerprint(self.model)
         self.lut = self.schedule.position_lookup(cfg.cil.num_classes)  # class id -> head row
         self.task_of_pos = self.schedule.task_of_position()
         self.run_dir = cfg.run_dir
-        if self.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            dump_config(cfg, os.path.join(self.run_dir, "config.json"))
-        self.log = MetricLogger(self.run_dir, enabled=self.is_main)
         self.global_step = 0
+        self.position = (0, 0, 0)  # (task, epoch, step in epoch) of the next optimizer step
         self.acc_matrix: list = []  # acc[t][j], percent
         self.acc_all: list = []
         self.loss_log: list = []  # (global step, loss) of every optimizer step
         self.task_times: list = []
+        self.task_elapsed = 0.0  # seconds spent in the current task before a resume
         self.engine = self.optimizer = None
+        self.pending_engine_state: Optional[str] = None  # mid-task resume: checkpoint to load after prepare
+        self.ckpt = Checkpoints(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints, self.acc)
+        path, notes = self.ckpt.resolve(resume)
+        for note in notes:
+            self.print(note)
+        log_resume = S.load_checkpoint(self, path) if path else None
+        self.resumed_from = path
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            dump_config(cfg, os.path.join(self.run_dir, "config.json"))
+            self.ckpt.sweep()
+        self.log = MetricLogger(self.run_dir, enabled=self.is_main, resume=log_resume)
+        # names a dead peer when a collective fails; stops this rank if its ring successor is silent
+        # for dist.timeout_s (whatever the backend)
+        self.monitor = PeerMonitor(self.rank, self.world, timeout=cfg.dist.timeout_s).start() \
+            if self.world > 1 else None
+
+    def fresh_model(self):
+        """Another copy of the model as built in __init__ (a 'config' backbone is seeded the same);
+        the caller's RNG is left alone."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            return build_model(self.cfg)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything of the loop a checkpoint needs (JSON-able); the model and optimizer are saved
+        beside it (trainer_state.save_checkpoint)."""
+        task, epoch, step = self.position
+        return {"position": {"task": task, "epoch": epoch, "step": step}, "global_step": self.global_step,
+                "acc_matrix": self.acc_matrix, "acc_all": self.acc_all, "loss_log": self.loss_log,
+                "task_times": self.task_times, "task_elapsed": self.task_elapsed, "events": self.model.events,
+                "class_order": self.schedule.order, "world_size": self.world, "micro_batch": self.micro,
+                "grad_accum": self.accum, "global_batch": self.cfg.optim.global_batch,
+                "mixed_precision": str(self.acc.mixed_precision), "zero_stage": self.stage,
+                "log_jsonl_bytes": self.log.jsonl_bytes()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        p = sd["position"]
+        self.position = (p["task"], p["epoch"], p["step"])
+        self.global_step = sd["global_step"]
+        self.acc_matrix, self.acc_all = sd["acc_matrix"], sd["acc_all"]
+        self.loss_log = [tuple(x) for x in sd["loss_log"]]
+        self.task_times, self.task_elapsed = sd["task_times"], sd["task_elapsed"]
+        self.model.events = sd["events"]
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
-        self.print(f"SD-LoRA {self.schedule.name()}: {self.world} process(es), micro-batch {self.micro} x "
-                   f"accumulation {self.accum} x world {self.world} = global batch {self.cfg.optim.global_batch}")
-        self.print(f"class order: {self.schedule.order}")
-        for t in range(len(self.acc_matrix), self.cfg.cil.num_tasks):
-            self.train_task(t)
-        return self.finish()
+        try:
+            self.print(f"SD-LoRA {self.schedule.name()}: {self.world} process(es), micro-batch {self.micro} x "
+                       f"accumulation {self.accum} x world {self.world} = global batch {self.cfg.optim.global_batch}"
+                       f" | {'DeepSpeed ZeRO-%d' % self.stage if self.deepspeed else 'no DeepSpeed'}"
+                       f" | mixed precision {self.acc.mixed_precision}")
+            self.print(f"class order: {self.schedule.order}")
+            if self.resumed_from:
+                self.print(f"resumed from {self.resumed_from}: task {self.position[0]}, epoch {self.position[1]}, "
+                           f"step {self.position[2]} (global step {self.global_step})")
+            for t in range(self.position[0], self.cfg.cil.num_tasks):
+                self.train_task(t)
+            results = self.finish()
+        except Exception as e:
+            if self.monitor is not None:  # name the dead peer and exit now, instead of hanging in teardown
+                self.monitor.abort(e, f"Resume with --resume auto (checkpoints: {self.ckpt.root}).")
+            raise
+        if self.monitor is not None:
+            self.monitor.stop()
+        return results
 
     def train_task(self, t: int) -> None:
-        start = time.time()
-        self.before_task(t)
-        for epoch in range(self.cfg.optim.epochs):
-            self.train_epoch(t, epoch)
-        self.after_task(t)
+        start = time.time() - self.task_elapsed
+        if self.model.task < t:  # not when resuming mid-task: the checkpoint's model is already at task t
+            self.before_task(t)
+        self.build_engine(t)
+        _, first_epoch, first_step = self.position  # (t, 0, 0) unless resuming mid-task
+        for epoch in range(first_epoch, self.cfg.optim.epochs):
+            self.train_epoch(t, epoch, first_step=first_step if epoch == first_epoch else 0, start=start)
         self.evaluate(t)
+        self.after_task(t)
         self.task_times.append(time.time() - start)
+        self.position, self.task_elapsed = (t + 1, 0, 0), 0.0
+        S.save_checkpoint(self, task_end=t)
 
     def before_task(self, t: int) -> None:
-        """Grow the model for task t and build a fresh optimizer + engine over its trainable set."""
+        """Grow the model for task t. start_task reads the previous task's trainable tensors (factors
+        to freeze, magnitudes, classifier rows), partitioned under ZeRO-3: gathered for the call."""
         n_events = len(self.model.events)
-        self.model.start_task(t, self.schedule.size(t))
+        previous = self.model.trainable_parameters() if self.model.task >= 0 else []
+        with gathered(previous):
+            self.model.start_task(t, self.schedule.size(t))
         for ev in self.model.events[n_events:]:  # e.g. SD-LoRA-KD merges decided at the task boundary
             self.log.text("model/events", str(ev), t)
             for tag, value in ev.get("scalars", {}).items():
                 self.log.scalar(tag, value, t)
-        self.model.set_trainable()
-        params = self.model.trainable_parameters()
-        o = self.cfg.optim
-        optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-        self.engine, self.optimizer = self.acc.prepare(self.model, optimizer)
-        n_train = sum(p.numel() for p in params)
-        self.print(f"task {t}: classes {self.schedule.classes(t)} | {n_train:,} trainable parameters")
+        self.print(f"task {t}: classes {self.schedule.classes(t)} | "
+                   f"{sum(p.numel() for p in self.model.trainable_parameters()):,} trainable parameters")
 
-    def train_epoch(self, t: int, epoch: int) -> None:
-        loader = self.loader(t, train=True, epoch=epoch)
-        n_micro = len(loader)
+    def build_engine(self, t: int) -> None:
+        """A fresh optimizer + engine over task t's trainable set (it changes every task). When
+        resuming mid-task, the optimizer/engine state of the checkpoint is loaded into it."""
+        self.model.set_trainable()
+        o = self.cfg.optim
+        optimizer = torch.optim.SGD(self.model.trainable_parameters(), lr=o.lr, momentum=o.momentum,
+                                    weight_decay=o.weight_decay)
+        self.engine, self.optimizer = self.acc.prepare(self.model, optimizer)
+        if self.stage == 3:
+            held, total, parts = held_elements(self.model)
+            self.print(f"ZeRO-3: rank 0 stores {held:,} of {total:,} parameter elements ({parts} partitioned tensors)")
+        if self.pending_engine_state is not None:
+            S.load_engine_state(self, self.pending_engine_state)
+            self.pending_engine_state = None
+
+    def train_epoch(self, t: int, epoch: int, first_step: int = 0, start: float = 0.0) -> None:
+        # Resuming mid-epoch: the epoch's loader is rebuilt and its first steps skipped unread.
+        loader = self.loader(t, train=True, epoch=epoch, start_batch=first_step * self.accum)
+        n_micro = len(loader) + first_step * self.accum
         n_steps = -(-n_micro // self.accum)
         if self.cfg.optim.max_steps_per_epoch is not None:
             n_steps = min(n_steps, self.cfg.optim.max_steps_per_epoch)
         self.engine.train()
-        bar = tqdm(total=n_steps, desc=f"task {t} epoch {epoch + 1}/{self.cfg.optim.epochs}",
+        bar = tqdm(total=n_steps, initial=first_step, desc=f"task {t} epoch {epoch + 1}/{self.cfg.optim.epochs}",
                    disable=not self.is_main, leave=False, dynamic_ncols=True)
         it = iter(loader)
-        for step in range(n_steps):
+        every = self.cfg.train.checkpoint_every
+        for step in range(first_step, n_steps):
             group = [next(it) for _ in range(min(self.accum, n_micro - step * self.accum))]
             loss = self.train_step(t, group)
+            self.position = (t, epoch, step + 1)
+            if self.is_main and self.global_step % self.cfg.train.log_every == 0:
+                bar.write(f"step {self.global_step} | task {t} epoch {epoch} | loss {loss:.4f}")
+            if every and self.global_step % every == 0:
+                self.task_elapsed = time.time() - start
+                S.save_checkpoint(self)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
         bar.close()
+        self.position = (t, epoch + 1, 0)
         del it, loader
 
     def train_step(self, t: int, micro_batches: list) -> float:
@@ -120,8 +216,9 @@ class Trainer:
         for i, (images, labels) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             total += self.forward_backward(images, labels, known, n_local, sync=last)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if not self.deepspeed:  # DeepSpeed stepped inside forward_backward, at the boundary
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         # Mean over all ranks for the log (every rank computes it: same number everywhere).
         loss = float(sum_across_ranks(self.acc, total.float())) / (n_local * self.world)
         self.global_step += 1
@@ -136,19 +233,24 @@ class Trainer:
         Returns the summed (not mean) loss of the micro-batch, detached."""
         images = images.to(self.acc.device, non_blocking=True)
         target = self.lut[labels].to(self.acc.device) - known  # (B,) in [0, task size)
-        kwargs = {}
-        if uses_deepspeed(self.acc):
-            # DeepSpeed steps at its own accumulation boundary; tell it where ours is (short last
-            # group), and do not let it divide by gradient_accumulation_steps again.
-            self.engine.set_gradient_accumulation_boundary(sync)
-            kwargs["scale_wrt_gas"] = False
-            ctx = nullcontext()
-        else:
-            ctx = nullcontext() if sync else self.acc.no_sync(self.engine)
+        # DDP: no gradient all-reduce before the step's last micro-batch (DeepSpeed: see below)
+        ctx = self.acc.no_sync(self.engine) if not (self.deepspeed or sync) else nullcontext()
         with ctx, self.acc.autocast():
             logits = self.engine(images)  # (B, C_seen)
             loss_sum = F.cross_entropy(logits[:, known:].float(), target, reduction="sum")
-        self.acc.backward(loss_sum / n_local, **kwargs)
+        loss = loss_sum / n_local
+        if self.deepspeed:
+            # The engine is driven directly, not through accelerator.backward: accelerate's wrapper
+            # overwrites the accumulation boundary with its own sync flag (True outside
+            # accelerator.accumulate) and would step after EVERY micro-batch. Our boundary is the last
+            # micro-batch of the step (which may be a short group at the end of an epoch), and the loss
+            # is already divided by the step's sample count (scale_wrt_gas=False: no second division).
+            self.engine.set_gradient_accumulation_boundary(sync)
+            self.engine.backward(loss, scale_wrt_gas=False)
+            if sync:
+                self.engine.step()  # reduce (ZeRO: reduce-scatter), optimizer step, zero grads
+        else:
+            self.acc.backward(loss)
         return loss_sum.detach().double().cpu()
 
     def after_task(self, t: int) -> None:
@@ -160,22 +262,26 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, t: int) -> None:
-        """Accuracy on all classes seen so far; every test sample counted once across ranks."""
+        """Accuracy on all classes seen so far; every test sample counted once across ranks.
+        Runs while task t's engine exists: under ZeRO-3 only the engine's hooks gather the weights a
+        forward needs, and every forward is a collective (the test loader gives every rank the same
+        number of batches: padding samples with label -1)."""
         loader = self.loader(t, train=False)
         correct = torch.zeros(t + 1, dtype=torch.long)
         count = torch.zeros(t + 1, dtype=torch.long)
-        self.model.eval()
-        with self.model.merged_eval():
+        forward = self.engine if self.stage == 3 else self.acc.unwrap_model(self.engine)
+        self.engine.eval()
+        with merged_eval(self.acc.unwrap_model(self.engine)):
             for images, labels in tqdm(loader, desc=f"eval after task {t}", disable=not self.is_main, leave=False):
                 keep = labels >= 0  # padding samples (label -1) keep batch counts equal, never count
                 with self.acc.autocast():
-                    logits = self.model(images.to(self.acc.device))
+                    logits = forward(images.to(self.acc.device))
                 pred = logits.argmax(dim=1).cpu()
                 pos = self.lut[labels.clamp_min(0)]
                 task = self.task_of_pos[pos]
                 correct += torch.bincount(task[keep], weights=(pred == pos)[keep].long(), minlength=t + 1).long()
                 count += torch.bincount(task[keep], minlength=t + 1)
-        self.model.train()
+        self.engine.train()
         correct, count = sum_across_ranks(self.acc, correct), sum_across_ranks(self.acc, count)
         expected = self.index.count(self.cfg.data.test_split, self.schedule.seen_classes(t))
         # Fewer only when bad test samples were tolerated (data.bad_sample_tolerance): they are reported.
@@ -192,12 +298,13 @@ class Trainer:
         self.print(f"after task {t}: accuracy on all {self.schedule.end(t)} seen classes {self.acc_all[-1]:.2f}% | "
                    f"per task {[round(v, 2) for v in row]}")
 
-    def loader(self, t: int, train: bool, epoch: int = 0):
+    def loader(self, t: int, train: bool, epoch: int = 0, start_batch: int = 0):
         d = self.cfg.data
         classes = self.schedule.classes(t) if train else self.schedule.seen_classes(t)
         return build_loader(self.index, d, split=d.train_split if train else d.test_split, class_ids=classes,
                             train=train, batch_size=self.micro if train else self.cfg.train.eval_batch,
-                            rank=self.rank, world_size=self.world, seed=self.cfg.seed * 100 + t, epoch=epoch)
+                            rank=self.rank, world_size=self.world, seed=self.cfg.seed * 100 + t, epoch=epoch,
+                            start_batch=start_batch)
 
     # ------------------------------------------------------------------ end of run
     def finish(self) -> dict:
@@ -206,13 +313,13 @@ class Trainer:
                    "backbone_weights": self.cfg.backbone.weights_name or self.cfg.backbone.path,
                    "class_order": self.schedule.order, **summary, "world_size": self.world,
                    "global_batch": self.cfg.optim.global_batch, "micro_batch": self.micro,
-                   "grad_accum": self.accum, "task_seconds": self.task_times,
-                   "events": self.model.events, "loss_log": self.loss_log, "config": config_to_dict(self.cfg)}
+                   "grad_accum": self.accum, "zero_stage": self.stage, "mixed_precision": str(self.acc.mixed_precision),
+                   "task_seconds": self.task_times, "events": self.model.events, "loss_log": self.loss_log,
+                   "config": config_to_dict(self.cfg)}
+        final_model = S.plain_model(self)  # collective under ZeRO-3; None on ranks other than 0 there
         if self.is_main:
             path = os.path.join(self.run_dir, "results.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(path + ".tmp", path)
+            S.write_json_atomic(path, results)
             self.log.scalar("final/avg_acc", summary["avg_acc"], len(self.acc_all) - 1)
             self.log.scalar("final/last_acc", summary["last_acc"], len(self.acc_all) - 1)
             self.log.scalar("final/forgetting", summary["forgetting"], len(self.acc_all) - 1)
@@ -224,8 +331,9 @@ class Trainer:
             print(f"Avg Acc {summary['avg_acc']:.2f} | Last Acc {summary['last_acc']:.2f} | "
                   f"forgetting {summary['forgetting']:.2f} | BWT {summary['bwt']:.2f}")
             print(f"results: {path}")
-            # The final model for launch/export.py (issue 4 folds this into the checkpoint format).
-            save_final_model(os.path.join(self.run_dir, FINAL_MODEL), self.model, self.cfg, self.schedule.order,
+            # The final model for launch/export.py; the same state is in the last checkpoint
+            # (checkpoints/step-*-task{T-1}-end), which --resume auto turns back into this file.
+            save_final_model(os.path.join(self.run_dir, FINAL_MODEL), final_model, self.cfg, self.schedule.order,
                              self.index.class_names)
         self.acc.wait_for_everyone()
         return results

@@ -1,6 +1,13 @@
 import os
 import sys
 
+# Triton kernels are tested under the interpreter (no test machine has a GPU). The variable must be
+# set before the first `import triton` of the session, and DeepSpeed, transformers and our kernels
+# all import it, so it is set here rather than in the kernel test file alone. On a GPU machine,
+# SDLORA_COMPILED_TRITON=1 leaves it unset so the kernels compile.
+if os.environ.get("SDLORA_COMPILED_TRITON") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

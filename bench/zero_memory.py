@@ -1,0 +1,172 @@
+"""Per-rank parameter, gradient and optimizer memory of SD-LoRA on a ViT-B/16-sized backbone under
+DeepSpeed ZeRO stage 0, 2 and 3, two processes (CPU, gloo, fp32: bytes are counted, not timed).
+
+For each stage, two processes build the project's SDLoRAModel (ViT-B/16: d=768, 12 blocks, 224 px;
+random weights, the shapes are what matters), start task 0 (40 classes, rank 10), create the engine
+the way the trainer does (SGD momentum 0.9 over model.trainable_parameters()) with the DeepSpeed
+settings of launch/ds_zero2.json / ds_zero3.json (stage 0: ds_zero2.json with stage 0; bf16 off on
+CPU), and take one optimizer step on one 224x224 image per rank. Counted per rank, as bytes of
+distinct tensor storages (a flat buffer and its views count once):
+
+  params     what the rank stores of the model's parameters: the tensors themselves, or under
+             ZeRO-3 the rank's partition of each partitioned one (ds_tensor) plus the whole of the
+             "persistent" small ones (below stage3_param_persistence_threshold)
+  grads      gradient storage right after backward, before the step: p.grad (stage 0), the rank's
+             reduced gradient partition (ZeRO-2: averaged_gradients; ZeRO-3:
+             grad_partitions_flat_buffer); DeepSpeed's transient reduce buckets are not counted
+  optimizer  after the step: the optimizer's own copies of the weights (ZeRO-2's fp32 master
+             partition; none at stage 0, whose optimizer updates the model tensors, nor under ZeRO-3
+             in fp32, which updates the rank's partitions in place) + its state (momentum)
+
+The frozen backbone is ~86M of the ~86.4M parameters; SD-LoRA trains ~0.4M. So ZeRO-2 only splits
+the (small) trainable gradients and optimizer state, while ZeRO-3 also splits the frozen backbone
+across the ranks: its params column is about half of stage 0's. On GPU with bf16 the params and
+grads columns halve, and every stage keeps fp32 master weights of the trainable set (stage 0: whole;
+ZeRO-2/3: the rank's partition) in the optimizer column. Prints a table, ends with ONE JSON line.
+
+    python bench/zero_memory.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+MiB = 1 << 20
+
+
+def storages(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+def flat(x):
+    """Tensors inside nested dicts/lists."""
+    import torch
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from flat(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from flat(v)
+
+
+def ds_config(stage: int) -> dict:
+    name = "ds_zero3.json" if stage == 3 else "ds_zero2.json"
+    with open(os.path.join(ROOT, "launch", name)) as f:
+        cfg = json.load(f)
+    cfg["zero_optimization"]["stage"] = stage
+    cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=2)
+    cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}  # CPU: fp32
+    cfg["steps_per_print"] = 1 << 30
+    return cfg
+
+
+def worker(rank: int, world: int, stage: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import torch
+    import torch.nn.functional as F
+    import deepspeed
+    from sdlora_ds.config import config_from_dict
+    from sdlora_ds.model import build_model
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    # BackboneConfig's defaults are ViT-B/16 (768 wide, 12 blocks, 12 heads, MLP 3072, 224 px)
+    cfg = config_from_dict({"backbone": {"source": "config"}, "adapter": {"rank": 10}, "data": {"index": "unused"}})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.start_task(0, 40)
+    model.set_trainable()
+    trainable = model.trainable_parameters()
+    opt = torch.optim.SGD(trainable, lr=0.01, momentum=0.9)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer; stage 0 does not
+
+    def param_tensors():
+        for p in model.parameters():
+            if hasattr(p, "ds_id"):  # ZeRO-3: the rank's partition, and the whole of an available one
+                yield p.ds_tensor
+                if p.data.numel():
+                    yield p.data
+            else:
+                yield p.data
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(rank))
+    y = torch.tensor([rank % 40])
+    engine.train()
+    engine.set_gradient_accumulation_boundary(True)
+    loss = F.cross_entropy(engine(x), y)
+    engine.backward(loss)
+    if stage == 0:
+        grads = [p.grad for p in model.parameters()]
+    elif stage == 3:
+        grads = [getattr(optimizer, "grad_partitions_flat_buffer", None)] + [p.grad for p in model.parameters()]
+    else:
+        grads = list(flat(getattr(optimizer, "averaged_gradients", {}))) + [p.grad for p in model.parameters()]
+    grad_bytes = storages(grads)
+    engine.step()
+    model_ptrs = {t.untyped_storage().data_ptr() for t in param_tensors() if t is not None and t.numel()}
+    own = [p for g in inner.param_groups for p in g["params"] if p.untyped_storage().data_ptr() not in model_ptrs]
+    opt_bytes = storages(own + list(flat(list(inner.state.values()))))
+    n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    n_train = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
+    res = {"params": storages(param_tensors()), "grads": grad_bytes, "optimizer": opt_bytes,
+           "model_params": n_all, "trainable_params": n_train,
+           "partitioned_tensors": sum(1 for p in model.parameters() if hasattr(p, "ds_id") and not p.data.numel())}
+    with open(os.path.join(out, f"stage{stage}_rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    torch.distributed.barrier()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", default="0,2,3")
+    ap.add_argument("--world", type=int, default=2)
+    args = ap.parse_args(argv)
+    import torch.multiprocessing as mp
+    stages = [int(s) for s in args.stages.split(",")]
+    figures = {}
+    with tempfile.TemporaryDirectory() as out:
+        for stage in stages:
+            mp.spawn(worker, args=(args.world, stage, free_port(), out), nprocs=args.world, join=True)
+            figures[stage] = [json.load(open(os.path.join(out, f"stage{stage}_rank{r}.json")))
+                              for r in range(args.world)]
+    first = figures[stages[0]][0]
+    print(f"SD-LoRA on ViT-B/16 (task 0, 40 classes, rank 10): {first['model_params']:,} parameters, "
+          f"{first['trainable_params']:,} trainable; {args.world} processes, fp32, per-rank MiB")
+    print(f"{'stage':>5} {'rank':>4} {'params':>9} {'grads':>9} {'optimizer':>9} {'total':>9}  partitioned tensors")
+    for stage in stages:
+        for r, f in enumerate(figures[stage]):
+            total = f["params"] + f["grads"] + f["optimizer"]
+            print(f"{stage:>5} {r:>4} {f['params'] / MiB:>9.2f} {f['grads'] / MiB:>9.3f} {f['optimizer'] / MiB:>9.3f} "
+                  f"{total / MiB:>9.2f}  {f['partitioned_tensors']}")
+    if 0 in figures and 3 in figures:
+        print(f"ZeRO-3 params / stage-0 params on rank 0: {figures[3][0]['params'] / figures[0][0]['params']:.3f}")
+    print(json.dumps({"bench": "zero_memory", "world_size": args.world, "dtype": "fp32",
+                      "model_params": first["model_params"], "trainable_params": first["trainable_params"],
+                      "bytes_per_rank": {str(s): figures[s] for s in stages}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Checkpoints: atomic folders with a manifest, discovery of the newest complete one, keep-last-K.
+
+What goes into a checkpoint is decided by the components (Trainer.state_dict, the model's structure
+and adapter state, the optimizer/engine): this module only orchestrates the writing and finding.
+
+    run_dir/checkpoints/
+      step-00000120/                 a mid-task checkpoint (after optimizer step 120)
+      step-00000150-task1-end/       the end of task 1 (after its evaluation; no optimizer state)
+        manifest.json                written last: format, name, order, position, world size, engine,
+                                     every other file with its size and sha256
+        trainer.json                 rank 0: position, metrics so far, class order, losses, events
+        config.json                  rank 0: the resolved config of the run
+        model.pt                     rank 0: model structure + adapters, magnitudes, classifier (full)
+        optimizer.pt                 rank 0, mid-task without DeepSpeed: the torch optimizer state
+                                     (+ scaler.pt with fp16)
+        engine/                      mid-task under DeepSpeed: engine.save_checkpoint (per-rank shards)
+        rank00000.pt, rank00001.pt   every rank: its RNG states
+      .tmp-step-00000180/            being written (or left by a killed run): never picked up
+
+Atomicity: all files are written into `.tmp-<name>/`; once every rank has written its part (a
+barrier), rank 0 writes the manifest, fsyncs, and renames the folder to `<name>` (one rename, atomic
+on POSIX). A folder counts as complete only if its name has no leading dot, its manifest parses and
+every file it lists exists with the listed size (and sha256, checked before loading). A run killed
+at any moment therefore leaves either the previous checkpoints alone or a new complete one. Older
+complete checkpoints beyond train.keep_checkpoints are renamed to `.del-<name>` and then deleted.
+
+Every rank writes into the same folder: output_dir must be on a filesystem all nodes share (as the
+data is); a rank file missing when rank 0 seals the folder stops the run with that explanation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Callable, Optional
+
+FORMAT = "sdlora-ds-checkpoint/1"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (a user-facing error: names the folder and the fix)."""
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
+def checkpoint_name(global_step: int, task_end: Optional[int] = None) -> str:
+    return f"step-{global_step:08d}" + ("" if task_end is None else f"-task{task_end}-end")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(folder: str) -> list:
+    out = []
+    for base, _, names in os.walk(folder):
+        out += [os.path.relpath(os.path.join(base, n), folder) for n in names]
+    return sorted(out)
+
+
+def read_manifest(path: str, verify_hashes: bool = False) -> dict:
+    """The manifest of a complete checkpoint folder; CheckpointError saying why it is not one."""
+    name = os.path.basename(os.path.normpath(path))
+    if name.startswith("."):
+        raise CheckpointError(f"checkpoint {path!r} is a temporary folder (being written, or left by a killed run)")
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise CheckpointError(f"checkpoint {path!r} has no {MANIFEST} (not a checkpoint, or never completed)")
+    try:
+        with open(mpath) as f:
+            man = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: unreadable {MANIFEST}: {e}") from None
+    fmt = man.get("format") if isinstance(man, dict) else None
+    if fmt != FORMAT or not isinstance(man.get("files"), dict) or not isinstance(man.get("order"), list):
+        raise CheckpointError(f"checkpoint {path!r} has format {fmt!r} (or no file list), expected {FORMAT!r}")
+    for rel, info in man["files"].items():
+        fp = os.path.join(path, rel)
+        if not os.path.isfile(fp):
+            raise CheckpointError(f"checkpoint {path!r}: {rel} is missing")
+        if os.path.getsize(fp) != info["bytes"]:
+            raise CheckpointError(f"checkpoint {path!r}: {rel} has {os.path.getsize(fp)} bytes, the manifest "
+                                  f"says {info['bytes']} (half-written or damaged)")
+        if verify_hashes and _sha256(fp) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {path!r}: {rel} does not match its sha256 (damaged)")
+    return man
+
+
+class Checkpoints:
+    """The checkpoint folder of one run. Collective methods (save) are called by every rank."""
+
+    def __init__(self, root: str, keep: int, accelerator):
+        self.root, self.keep, self.acc = root, keep, accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.is_main = accelerator.is_main_process
+
+    # ------------------------------------------------------------------ finding
+    def scan(self) -> tuple[list, list]:
+        """(complete: [(path, manifest)] newest first, skipped: [reason]) by sizes, without hashing."""
+        complete, skipped = [], []
+        if not os.path.isdir(self.root):
+            return complete, skipped
+        for name in sorted(os.listdir(self.root)):
+            path = os.path.join(self.root, name)
+            if not os.path.isdir(path):
+                continue
+            if name.startswith("."):
+                skipped.append(f"{name}: temporary folder (being written, or left by a killed run)")
+                continue
+            try:
+                complete.append((path, read_manifest(path)))
+            except CheckpointError as e:
+                skipped.append(str(e))
+        complete.sort(key=lambda pm: tuple(pm[1]["order"]), reverse=True)
+        return complete, skipped
+
+    def newest(self) -> tuple[Optional[str], list]:
+        """(newest checkpoint whose files all match their sha256, or None; reasons others were skipped)."""
+        complete, skipped = self.scan()
+        for path, _ in complete:
+            try:
+                read_manifest(path, verify_hashes=True)
+                return path, skipped
+            except CheckpointError as e:
+                skipped.append(str(e))
+        return None, skipped
+
+    def resolve(self, resume: Optional[str]) -> tuple[Optional[str], list]:
+        """The checkpoint to start from, decided on rank 0 alone (the others get its answer):
+        resume=None: none (refused if this run folder already holds checkpoints: they would mix);
+        'auto': the newest complete one, or none; a path: that checkpoint (or the newest complete one
+        of a checkpoints folder). Returns (path or None, notes to print); raises CheckpointError on
+        every rank alike."""
+        from .distributed import broadcast_object
+        answer = None
+        if self.is_main:
+            try:
+                answer = ("ok", *self._resolve(resume))
+            except CheckpointError as e:
+                answer = ("error", str(e), [])
+        answer = broadcast_object(self.acc, answer)
+        if answer[0] == "error":
+            raise CheckpointError(answer[1])
+        return answer[1], answer[2]
+
+    def _resolve(self, resume: Optional[str]) -> tuple[Optional[str], list]:
+        if resume is None:
+            complete, _ = self.scan()
+            if complete:
+                raise CheckpointError(
+                    f"run folder {os.path.dirname(self.root)!r} already holds checkpoints (newest "
+                    f"{os.path.basename(complete[0][0])}); pass --resume auto to continue that run, or give this run "
+                    f"another name (config field 'name') or delete the folder to start over")
+            return None, []
+        if resume == "auto":
+            path, skipped = self.newest()
+            notes = [f"skipped {s}" for s in skipped]
+            if path is None:
+                notes.append(f"no complete checkpoint in {self.root!r}: starting from the beginning")
+            return path, notes
+        path = os.path.abspath(resume)
+        is_collection = (os.path.isdir(path) and not os.path.isfile(os.path.join(path, MANIFEST))
+                         and not os.path.basename(path).startswith(".")
+                         and any(os.path.isdir(os.path.join(path, n)) for n in os.listdir(path)))
+        if is_collection:  # a checkpoints folder: its newest complete checkpoint
+            found, skipped = Checkpoints(path, self.keep, self.acc).newest()
+            if found is None:
+                raise CheckpointError(f"--resume {resume!r}: no complete checkpoint in that folder "
+                                      f"({'; '.join(skipped) or 'it is empty'})")
+            return found, [f"skipped {s}" for s in skipped]
+        if not os.path.isdir(path):
+            raise CheckpointError(f"--resume {resume!r}: no such checkpoint folder; use --resume auto or the path of "
+                                  f"a folder under run_dir/checkpoints/")
+        read_manifest(path, verify_hashes=True)
+        return path, []
+
+    # ------------------------------------------------------------------ writing
+    def save(self, name: str, meta: dict, shared: dict, write_rank: Callable[[str], None],
+             collective: Optional[Callable[[str], None]] = None) -> str:
+        """Write checkpoint `name` atomically (every rank calls this).
+
+        shared: {file name: writer(path)} run on rank 0; write_rank(path): this rank's own file;
+        collective(folder): run by every rank first (DeepSpeed's engine.save_checkpoint);
+        meta: manifest fields (must hold 'order', a list sorting checkpoints oldest to newest)."""
+        tmp, final = os.path.join(self.root, f".tmp-{name}"), os.path.join(self.root, name)
+        if self.is_main:
+            os.makedirs(self.root, exist_ok=True)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        self.acc.wait_for_everyone()
+        if collective is not None:
+            collective(tmp)
+        write_rank(os.path.join(tmp, rank_file(self.rank)))
+        if self.is_main:
+            for fname, writer in shared.items():
+                writer(os.path.join(tmp, fname))
+        self.acc.wait_for_everyone()  # every rank's files are in place
+        if self.is_main:
+            self._seal(tmp, final, name, meta)
+        return final
+
+    def _seal(self, tmp: str, final: str, name: str, meta: dict) -> None:
+        files = _files(tmp)
+        missing = [rank_file(r) for r in range(self.world) if rank_file(r) not in files]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {final!r}: {missing[:4]} were not written where rank 0 can see them: every node must "
+                f"see output_dir on a shared filesystem (config field 'output_dir')")
+        info = {}
+        for rel in files:
+            fp = os.path.join(tmp, rel)
+            _fsync(fp)
+            info[rel] = {"bytes": os.path.getsize(fp), "sha256": _sha256(fp)}
+        man = {"format": FORMAT, "name": name, **meta, "files": info}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(man, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):  # the same step saved again after a resume: replace it
+            old = os.path.join(self.root, f".del-{name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync(self.root)
+        shutil.rmtree(os.path.join(self.root, f".del-{name}"), ignore_errors=True)
+        self.prune()
+
+    def prune(self) -> None:
+        """Delete complete checkpoints beyond the newest `keep` (rank 0)."""
+        complete, _ = self.scan()
+        for path, _ in complete[self.keep:]:
+            trash = os.path.join(self.root, ".del-" + os.path.basename(path))
+            os.rename(path, trash)  # gone from discovery at once, even if the deletion is interrupted
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def sweep(self) -> None:
+        """Remove what a killed run left behind (temporary and half-deleted folders; rank 0)."""
+        if self.is_main and os.path.isdir(self.root):
+            for name in os.listdir(self.root):
+                if name.startswith((".tmp-", ".del-")):
+                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+
+def write_json(obj) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)
+    return write
+
+
+def write_torch(obj) -> Callable[[str], None]:
+    def write(path: str) -> None:
+        import torch
+        torch.save(obj, path)
+    return write

@@ -1,0 +1,190 @@
+"""Checkpoints in one process: atomic folders and discovery (half-written ones are skipped),
+keep-last-K, exact resumption from any position, and the refusals of an incompatible resume.
+(Resuming after a SIGKILL, on 1 and 2 processes, is in test_distributed.py.)"""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_config_dict
+from sdlora_ds.checkpoint import MANIFEST, CheckpointError, Checkpoints, read_manifest, write_json, write_torch
+from sdlora_ds.config import config_from_dict
+
+
+class OneProcess:
+    """The accelerator surface Checkpoints uses, for a single process."""
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def save(ck: Checkpoints, step: int, payload: int = 0) -> str:
+    shared = {"model.pt": write_torch({"w": torch.full((64,), float(payload))}),
+              "trainer.json": write_json({"s": step})}
+    meta = {"order": [step, 0], "task_end": None}
+    return ck.save(f"step-{step:08d}", meta, shared, write_torch({"rng": torch.arange(3)}))
+
+
+def test_half_written_checkpoints_are_skipped_for_the_last_complete_one(tmp_path):
+    ck = Checkpoints(str(tmp_path / "checkpoints"), keep=10, accelerator=OneProcess())
+    for step in (2, 4, 6):
+        save(ck, step, payload=step)
+    good = os.path.join(ck.root, "step-00000006")
+    assert sorted(read_manifest(good)["files"]) == ["model.pt", "rank00000.pt", "trainer.json"]
+    # What a run killed at various moments (or a damaged disk) leaves behind, all NEWER than step 6:
+    import shutil
+    shutil.copytree(good, os.path.join(ck.root, ".tmp-step-00000008"))  # killed before the rename
+    trunc = os.path.join(ck.root, "step-00000010")                      # a file cut short
+    shutil.copytree(good, trunc)
+    with open(os.path.join(trunc, "model.pt"), "r+b") as f:
+        f.truncate(100)
+    nomani = os.path.join(ck.root, "step-00000012")                     # no manifest
+    shutil.copytree(good, nomani)
+    os.remove(os.path.join(nomani, MANIFEST))
+    flipped = os.path.join(ck.root, "step-00000014")                    # same size, other bytes
+    shutil.copytree(good, flipped)
+    with open(os.path.join(flipped, "model.pt"), "r+b") as f:
+        f.seek(-5, 2)
+        b = f.read(1)
+        f.seek(-5, 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    for path in (trunc, nomani, flipped):  # renumber their manifests so they would win if trusted
+        mp = os.path.join(path, MANIFEST)
+        if os.path.exists(mp):
+            man = json.load(open(mp))
+            man["order"] = [int(os.path.basename(path)[5:]), 0]
+            json.dump(man, open(mp, "w"))
+    complete, skipped = ck.scan()
+    assert [os.path.basename(p) for p, _ in complete] == ["step-00000014", "step-00000006", "step-00000004",
+                                                           "step-00000002"]  # 14 passes the size check
+    assert any(".tmp-step-00000008" in s for s in skipped)
+    assert any("step-00000010" in s and "half-written" in s for s in skipped)
+    assert any("step-00000012" in s and MANIFEST in s for s in skipped)
+    path, notes = ck.resolve("auto")
+    assert path == good, notes
+    assert any("step-00000014" in n and "sha256" in n for n in notes)
+    assert torch.load(os.path.join(path, "model.pt"))["w"][0] == 6
+    with pytest.raises(CheckpointError, match="temporary"):  # never picked up, even when named
+        ck.resolve(os.path.join(ck.root, ".tmp-step-00000008"))
+    with pytest.raises(CheckpointError, match="half-written"):
+        ck.resolve(trunc)
+    with pytest.raises(CheckpointError, match="never completed"):
+        ck.resolve(nomani)
+    assert ck.resolve(ck.root)[0] == good  # a checkpoints folder: its newest complete one
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):  # a fresh run would mix with them
+        ck.resolve(None)
+    ck.sweep()
+    assert not any(n.startswith(".") for n in os.listdir(ck.root))
+
+
+def test_keep_last_k_and_resaving_a_step(tmp_path):
+    ck = Checkpoints(str(tmp_path / "ck"), keep=2, accelerator=OneProcess())
+    for step in (1, 2, 3, 4):
+        save(ck, step)
+    assert sorted(os.listdir(ck.root)) == ["step-00000003", "step-00000004"]
+    save(ck, 4, payload=7)  # a resumed run reaching the same step replaces it
+    assert sorted(os.listdir(ck.root)) == ["step-00000003", "step-00000004"]
+    assert torch.load(os.path.join(ck.root, "step-00000004", "model.pt"))["w"][0] == 7
+
+
+# ---------------------------------------------------------------------- the trainer, in process
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from shards.digits import write_digits_shards
+    return write_digits_shards(str(tmp_path_factory.mktemp("digits") / "shards"))
+
+
+def small(shards, out, **over):
+    """2 tasks x 2 epochs x 3 steps of a tiny random ViT, a checkpoint after every step."""
+    raw = tiny_config_dict(index=shards, name="run", output_dir=str(out),
+                           cil={"num_classes": 10, "init_classes": 5, "increment": 5, "num_tasks": 2},
+                           data={"train_scale": [1.0, 1.0], "train_ratio": [1.0, 1.0]},
+                           optim={"epochs": 2, "global_batch": 16, "micro_batch": 8, "max_steps_per_epoch": 3},
+                           train={"checkpoint_every": 1, "keep_checkpoints": 100})
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return config_from_dict(raw)
+
+
+def comparable(res: dict) -> dict:
+    """results.json without what legitimately differs between two runs: wall-clock times, where it ran."""
+    res = json.loads(json.dumps(res))
+    res.pop("task_seconds")
+    res["config"].pop("output_dir")
+    return res
+
+
+@pytest.fixture(scope="module")
+def full_run(shards, tmp_path_factory):
+    from sdlora_ds.trainer import Trainer
+    out = tmp_path_factory.mktemp("full")
+    res = Trainer(small(shards, out)).run()
+    return out, res
+
+
+def test_resume_from_any_position_is_bitwise_exact(shards, full_run, tmp_path):
+    """Mid-epoch, at an epoch boundary, at a task end, in the second task (after grad accumulation 2)."""
+    from sdlora_ds.trainer import Trainer
+    out, ref = full_run
+    root = os.path.join(out, "run", "checkpoints")
+    names = sorted(os.listdir(root))
+    assert "step-00000006-task0-end" in names and "step-00000012-task1-end" in names
+    for name, position in [("step-00000002", (0, 0, 2)), ("step-00000003", (0, 0, 3)),
+                           ("step-00000006-task0-end", (1, 0, 0)), ("step-00000010", (1, 1, 1))]:
+        trainer = Trainer(small(shards, tmp_path / name), resume=os.path.join(root, name))
+        assert trainer.position == position, name
+        got = trainer.run()
+        assert comparable(got) == comparable(ref), name
+        with open(os.path.join(tmp_path, name, "run", "results.json")) as f:
+            assert comparable(json.load(f)) == comparable(ref)
+
+
+def test_resume_refusals_name_the_field_and_the_fix(shards, full_run, tmp_path):
+    import train  # launch/train.py (on sys.path: see _launch_on_path)
+    from sdlora_ds.trainer import Trainer
+    out, ref = full_run
+    with pytest.raises(CheckpointError, match="--resume auto"):  # a fresh run into a folder with checkpoints
+        Trainer(small(shards, out))
+    with pytest.raises(CheckpointError, match=r"'optim\.lr': checkpoint 0\.05, this run 0\.01"):
+        Trainer(small(shards, out, optim={"lr": 0.01}), resume="auto")
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        Trainer(small(shards, out), resume=str(tmp_path / "nowhere"))
+    # the entry point turns them into one line and exit status 2, before any work
+    from sdlora_ds.config import config_to_dict
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(config_to_dict(small(shards, out))))
+    assert train.main(["--config", str(path), "--set", "optim.lr=0.01", "--resume", "auto"]) == 2
+    # fields that change nothing computed may differ: the finished run just writes its results again
+    trainer = Trainer(small(shards, out, train={"log_every": 3, "keep_checkpoints": 100}), resume="auto")
+    assert trainer.position == (2, 0, 0)
+    got, want = comparable(trainer.run()), comparable(ref)
+    assert got.pop("config")["train"]["log_every"] == 3
+    want.pop("config")
+    assert got == want
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _launch_on_path():
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_start_batch_skips_to_the_same_batches(shards, workers):
+    """Resuming mid-epoch rebuilds the epoch's loader from batch k: exactly the batches k, k+1, ...
+    of the uninterrupted epoch, whatever the worker count (the skipped ones are not decoded)."""
+    from sdlora_ds.data import ShardIndex, build_loader
+    cfg = small(shards, "unused")
+    index = ShardIndex.load(shards)
+
+    def batches(start):
+        loader = build_loader(index, cfg.data, split="train", class_ids=[0, 3, 5, 7, 9], train=True, batch_size=8,
+                              rank=1, world_size=2, seed=7, epoch=3, num_workers=workers, start_batch=start)
+        return len(loader), [(x.sum().item(), y.tolist()) for x, y in loader]
+    n, full = batches(0)
+    m, tail = batches(5)
+    assert m == n - 5 and tail == full[5:]
+    assert batches(n) == (0, [])
