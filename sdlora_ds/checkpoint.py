@@ -29,11 +29,12 @@ data is); a rank file missing when rank 0 seals the folder stops the run with th
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from typing import Callable, Optional
+
+from .fileio import sha256_file
 
 FORMAT = "sdlora-ds-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -49,14 +50,6 @@ def rank_file(rank: int) -> str:
 
 def checkpoint_name(global_step: int, task_end: Optional[int] = None) -> str:
     return f"step-{global_step:08d}" + ("" if task_end is None else f"-task{task_end}-end")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: str) -> None:
@@ -97,7 +90,7 @@ def read_manifest(path: str, verify_hashes: bool = False) -> dict:
         if os.path.getsize(fp) != info["bytes"]:
             raise CheckpointError(f"checkpoint {path!r}: {rel} has {os.path.getsize(fp)} bytes, the manifest "
                                   f"says {info['bytes']} (half-written or damaged)")
-        if verify_hashes and _sha256(fp) != info["sha256"]:
+        if verify_hashes and sha256_file(fp) != info["sha256"]:
             raise CheckpointError(f"checkpoint {path!r}: {rel} does not match its sha256 (damaged)")
     return man
 
@@ -227,7 +220,7 @@ class Checkpoints:
         for rel in files:
             fp = os.path.join(tmp, rel)
             _fsync(fp)
-            info[rel] = {"bytes": os.path.getsize(fp), "sha256": _sha256(fp)}
+            info[rel] = {"bytes": os.path.getsize(fp), "sha256": sha256_file(fp)}
         man = {"format": FORMAT, "name": name, **meta, "files": info}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(man, f, indent=1)

@@ -31,6 +31,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from sdlora_ds.fileio import sha256_file  # noqa: F401  (re-exported for the converters)
+
 FORMAT = "sdlora-ds-shards/1"
 STATE_FILE = ".shards_state.json"
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -50,17 +52,6 @@ class SampleSpec:
 def sanitize_key(text: str) -> str:
     """A webdataset key may not contain '.' (the first dot starts the extension) or '/'."""
     return re.sub(r"[^A-Za-z0-9_\-]", "_", text)
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

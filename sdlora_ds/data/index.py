@@ -8,23 +8,14 @@ format, a listed shard that is missing, and (when verifying) a sha256 mismatch.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Iterable, Sequence
 
+from sdlora_ds.fileio import sha256_file
+
 FORMAT = "sdlora-ds-shards/1"
 _FIX = "rebuild it with a converter, e.g. `python -m shards.digits --out data/digits`"
-
-
-def _sha256(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 class ShardIndex:
@@ -62,7 +53,7 @@ class ShardIndex:
                     raise ValueError(f"shard {full!r} (split {split!r}) listed in {path!r} is missing; copy "
                                      f"the whole shard folder or re-run the converter that wrote it")
                 if verify_checksums:
-                    got = _sha256(full)
+                    got = sha256_file(full)
                     if got != sh["sha256"]:
                         raise ValueError(f"shard {full!r} has sha256 {got[:16]}..., the index {path!r} says "
                                          f"{sh['sha256'][:16]}...: the file is damaged or from another "
