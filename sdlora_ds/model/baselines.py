@@ -16,7 +16,6 @@ are computed the same way, bf16 handling included.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -25,11 +24,12 @@ from torch import nn
 from ..config import RunConfig
 from ..kernels import merge_weight, stacked_lowrank_linear
 from .base import IncrementalViT
+from .sdlora import MergeableLinear
 
 LORA_SCALING = 1.0
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(MergeableLinear):
     """nn.Linear + one LoRA update s B A (A: (r, d_in), B: (d_out, r)); keeps `weight`/`bias`."""
 
     def __init__(self, base: nn.Linear, scaling: float = LORA_SCALING, impl: str = "auto"):
@@ -48,7 +48,6 @@ class LoRALinear(nn.Module):
         self.register_buffer("_no_s", w.new_zeros(0), persistent=False)
         self.lora_a: Optional[nn.Parameter] = None
         self.lora_b: Optional[nn.Parameter] = None
-        self._merged: Optional[torch.Tensor] = None
 
     def init_factors(self, rank: int, generator: Optional[torch.Generator] = None) -> None:
         """A ~ kaiming_uniform(a=sqrt(5)) (bound 1/sqrt(d_in)), B = 0: the same draw as SD-LoRA's."""
@@ -67,15 +66,6 @@ class LoRALinear(nn.Module):
         """W + s B A, (d_out, d_in) (feeds merged evaluation and export)."""
         return merge_weight(self.weight, self._no_a, self._no_b, self._no_s, self.lora_a, self.lora_b,
                             None if self.lora_a is None else self.scaling)
-
-    @contextmanager
-    def merged(self):
-        with torch.no_grad():
-            self._merged = self.merged_weight()
-        try:
-            yield
-        finally:
-            self._merged = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
         if self._merged is not None:

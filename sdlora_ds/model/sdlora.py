@@ -62,7 +62,27 @@ class Magnitudes(nn.Module):
         return self.m + self.k  # (T,)
 
 
-class SDLoRALinear(nn.Module):
+class MergeableLinear(nn.Module):
+    """An adapted linear layer that can fold its update into the weight once for evaluation.
+    Subclasses define merged_weight(); while `merged()` is active, forward is a plain linear."""
+
+    _merged: Optional[torch.Tensor] = None
+
+    def merged_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @contextmanager
+    def merged(self):
+        """Evaluation: merge once, then every forward is a plain linear layer."""
+        with torch.no_grad():
+            self._merged = self.merged_weight()
+        try:
+            yield
+        finally:
+            self._merged = None
+
+
+class SDLoRALinear(MergeableLinear):
     """nn.Linear + stacked SD-LoRA directions. State per task i < t: rows of a_frozen / columns of
     b_frozen, `frozen_inv_norm[i]` (0 for a zero direction: it contributes nothing), the rank and
     `frozen_k[i]`, this projection's assimilated magnitude (0 unless SD-LoRA-KD folded a later
@@ -87,7 +107,6 @@ class SDLoRALinear(nn.Module):
         self.register_buffer("col_task", torch.zeros(0, dtype=torch.long, device=w.device))  # (R_f,)
         self.a_cur: Optional[nn.Parameter] = None
         self.b_cur: Optional[nn.Parameter] = None
-        self._merged: Optional[torch.Tensor] = None
 
     # -------------------------------------------------------------- task lifecycle
     @property
@@ -167,16 +186,6 @@ class SDLoRALinear(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         s_frozen, m_cur = self._scales()
         return merge_weight(self.weight, self.a_frozen, self.b_frozen, s_frozen, self.a_cur, self.b_cur, m_cur)
-
-    @contextmanager
-    def merged(self):
-        """Evaluation: merge once, then every forward is a plain linear layer."""
-        with torch.no_grad():
-            self._merged = self.merged_weight()
-        try:
-            yield
-        finally:
-            self._merged = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, d_in)
         if self._merged is not None:
