@@ -15,14 +15,13 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import STATS, add_timing_args, device_name, setup_timing  # noqa: E402
 from sdlora_ds.kernels import stacked_lowrank_linear  # noqa: E402
 
 
@@ -72,9 +71,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-STATS = {"min": min, "median": statistics.median}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=8 * 197, help="batch x sequence rows (default 8 x 197)")
@@ -82,27 +78,14 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=10)
     ap.add_argument("--tasks", type=int, nargs="+", default=[1, 5, 10, 20])
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--device", default="cpu")
+    add_timing_args(ap)
     ap.add_argument("--impl", default="auto", choices=["auto", "reference", "triton"],
                     help="implementation of 'ours' (auto: Triton on CUDA, reference on CPU)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--stat", default="min", choices=["min", "median"],
-                    help="per-variant statistic over rounds; min: on a shared machine contention only "
-                         "adds time, so the fastest interleaved round estimates the uncontended cost")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (0 = torch's default). 1 by default: on a shared 2-core machine "
-                         "two OpenMP threads stall on each other's descheduling (steps varied 2x)")
-    ap.add_argument("--clock", default="auto", choices=["auto", "cpu", "wall"],
-                    help="auto: process CPU time on CPU with 1 thread (time the machine's other load "
-                         "cannot inflate; measured spread ~1-2%% vs ~50%% wall), wall clock otherwise")
     args = ap.parse_args()
     global IMPL
     IMPL = args.impl
-    if args.device == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "auto":
-        args.clock = "cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = setup_timing(args)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     variants = {"ours": ours, "loop": per_task_loop, "plain": plain}
@@ -127,8 +110,7 @@ def main() -> None:
                 if r:
                     times[(name, t)].append(clock() - t0)
     med = {k: STATS[args.stat](v) * 1e3 for k, v in times.items()}
-    device = (f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)"
-              if args.device == "cpu" else torch.cuda.get_device_name())
+    device = device_name(args.device)
     print(f"stacked low-rank op, forward+backward, {args.tokens} x {args.d}, rank {args.rank}, "
           f"{args.dtype}, {device}, {args.stat} of {args.rounds} rounds, {args.clock} clock (ms)")
     print(f"{'T':>4} {'plain':>9} {'ours':>9} {'loop':>9} {'ours/plain':>11} {'loop/ours':>10}")

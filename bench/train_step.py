@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import STATS, add_timing_args, device_name, setup_timing  # noqa: E402
 from sdlora_ds.config import config_from_dict  # noqa: E402
 from sdlora_ds.model import SDLoRAModel, build_backbone  # noqa: E402
 from sdlora_ds.model.backbone import cls_features  # noqa: E402
@@ -140,9 +140,6 @@ def timed(fn, device, clock=time.perf_counter):
     return clock() - t0
 
 
-STATS = {"min": min, "median": statistics.median}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8, help="images per step (CPU default 8; 128 on a GPU)")
@@ -155,24 +152,11 @@ def main() -> None:
     ap.add_argument("--classes-per-task", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--impl", default="auto", choices=["auto", "reference", "triton"])
-    ap.add_argument("--device", default="cpu")
+    add_timing_args(ap)
     ap.add_argument("--amp", default="no", choices=["no", "bfloat16", "float16"],
                     help="autocast dtype for the training steps (fp32 weights, as under accelerate)")
-    ap.add_argument("--stat", default="min", choices=["min", "median"],
-                    help="per-variant statistic over rounds; min: on a shared machine contention only "
-                         "adds time, so the fastest interleaved round estimates the uncontended cost")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (0 = torch's default). 1 by default: on a shared 2-core machine "
-                         "two OpenMP threads stall on each other's descheduling (steps varied 2x)")
-    ap.add_argument("--clock", default="auto", choices=["auto", "cpu", "wall"],
-                    help="auto: process CPU time on CPU with 1 thread (time the machine's other load "
-                         "cannot inflate; measured spread ~1-2%% vs ~50%% wall), wall clock otherwise")
     args = ap.parse_args()
-    if args.device == "cpu" and args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "auto":
-        args.clock = "cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = setup_timing(args)
     cfg = make_cfg(args)
     g = torch.Generator().manual_seed(0)
     batch = (torch.rand(args.batch, 3, args.image_size, args.image_size, generator=g),
@@ -213,8 +197,7 @@ def main() -> None:
                     eval_ms[name].append(dt)
     eval_med = {k: STATS[args.stat](v) * 1e3 for k, v in eval_ms.items()}
 
-    device = (f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)"
-              if args.device == "cpu" else torch.cuda.get_device_name())
+    device = device_name(args.device)
     print(f"SD-LoRA train step, ViT d={args.d} x {args.layers} layers, {args.image_size}px, batch {args.batch}, "
           f"rank {args.rank}, {device}, {args.stat} of {args.rounds} rounds, {args.clock} clock; "
           f"ours vs loop logits max diff {max_diff:.2e}")

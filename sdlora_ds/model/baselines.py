@@ -33,12 +33,7 @@ class LoRALinear(MergeableLinear):
     """nn.Linear + one LoRA update s B A (A: (r, d_in), B: (d_out, r)); keeps `weight`/`bias`."""
 
     def __init__(self, base: nn.Linear, scaling: float = LORA_SCALING, impl: str = "auto"):
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight.requires_grad_(False)  # frozen, same Parameter object (no copy)
-        self.bias = base.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        super().__init__(base)
         self.impl = impl
         w = base.weight
         self.register_buffer("scaling", torch.tensor(float(scaling), dtype=w.dtype, device=w.device))

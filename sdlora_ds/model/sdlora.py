@@ -63,10 +63,19 @@ class Magnitudes(nn.Module):
 
 
 class MergeableLinear(nn.Module):
-    """An adapted linear layer that can fold its update into the weight once for evaluation.
+    """Wraps a frozen nn.Linear (same `weight`/`bias` Parameters, so backbone keys stay loadable) and
+    can fold its update into the weight once for evaluation.
     Subclasses define merged_weight(); while `merged()` is active, forward is a plain linear."""
 
     _merged: Optional[torch.Tensor] = None
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight.requires_grad_(False)  # frozen, same Parameter object (no copy)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
 
     def merged_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -89,12 +98,7 @@ class SDLoRALinear(MergeableLinear):
     direction into task i here). The current task t owns the trainable a_cur (r, d_in) and b_cur (d_out, r)."""
 
     def __init__(self, base: nn.Linear, magnitudes: Magnitudes, norm: str = "factors", impl: str = "auto"):
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight.requires_grad_(False)  # frozen, same Parameter object (no copy)
-        self.bias = base.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        super().__init__(base)
         self.norm, self.impl = norm, impl
         # Not a registered submodule: the magnitudes belong to the model, not to each layer.
         object.__setattr__(self, "_mags", magnitudes)
