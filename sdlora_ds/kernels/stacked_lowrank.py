@@ -29,6 +29,8 @@ over tasks costs O(batch x T) per step and keeps per-task activations for autogr
 
 impl: 'reference' = this file's Function (the CPU path); 'triton' = the same Function with the merge
 and the ds reduction done by the kernels of triton_stacked.py; 'auto' = Triton for CUDA tensors.
+The first CUDA use of the Triton path in a process (per dtype) is checked against this Function
+(selfcheck.py); a mismatch stops the run with an error naming adapter.impl.
 """
 from __future__ import annotations
 
@@ -230,8 +232,10 @@ def stacked_lowrank_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     if safe_bf16 is None:
         safe_bf16 = x2.dtype in _LOW_PRECISION
     if impl == "triton" or (impl == "auto" and x.is_cuda):
-        from . import triton_stacked  # lazy: CPU installs without a working triton still import
+        from . import selfcheck, triton_stacked  # lazy: CPU installs without a working triton still import
         fn = triton_stacked.function()  # raises a clear error when Triton cannot run here
+        # first CUDA use per process and dtype: compare with the reference, stop on a mismatch
+        selfcheck.guard(x2, weight)
     else:
         fn = StackedLowRankFunction
     with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
