@@ -26,10 +26,15 @@ def _fail(path: str, value: Any, allowed: str) -> None:
 @dataclass
 class BackboneConfig:
     source: str = "pretrained"
-    """'pretrained': load `path` (a transformers ViT folder, or a .safetensors file with transformers
-    or timm keys). 'config': build a randomly initialised ViT from the arch fields below (tests)."""
+    """'pretrained': load `path` (a transformers ViT / Dinov2 / Dinov2WithRegisters folder, or a
+    .safetensors file with transformers ViT or DINOv2 keys, or timm ViT keys). 'config': build a
+    randomly initialised backbone of `arch` from the fields below (tests)."""
     path: Optional[str] = None
-    """Local folder or .safetensors file of the pretrained ViT. Nothing is ever downloaded."""
+    """Local folder or .safetensors file of the pretrained backbone. Nothing is ever downloaded."""
+    arch: Optional[str] = None
+    """'vit', 'dinov2' or 'dinov2_with_registers'. null: read from `path` (a folder's config.json
+    model_type; a file's keys), 'vit' for source='config'. Given together with a path, it must
+    agree with what the path holds (a check, not an override)."""
     weights_name: str = ""
     """Free-text name of the exact weights (e.g. 'vit_base_patch16_224.augreg2_in21k_ft_in1k'),
     recorded in results.json: two timm tags of one architecture give different CL numbers."""
@@ -46,7 +51,11 @@ class BackboneConfig:
     image_size: int = 224
     """Input resolution the position embeddings are built for (source='config')."""
     layer_norm_eps: float = 1e-6
-    """LayerNorm epsilon (timm ViTs use 1e-6; source='config' and timm files)."""
+    """LayerNorm epsilon (timm ViTs and DINOv2 use 1e-6; source='config', timm and DINOv2 files)."""
+    num_register_tokens: int = 4
+    """Register tokens (arch 'dinov2_with_registers', source='config'; files: read from the weights)."""
+    layerscale_value: float = 1.0
+    """Initial LayerScale value (DINOv2, source='config'; loaded weights carry their own)."""
 
     def validate(self, p: str) -> None:
         if self.source not in ("pretrained", "config"):
@@ -60,6 +69,13 @@ class BackboneConfig:
             _fail(f"{p}.num_heads", self.num_heads, f"must divide hidden_size={self.hidden_size}")
         if self.image_size % self.patch_size:
             _fail(f"{p}.patch_size", self.patch_size, f"must divide image_size={self.image_size}")
+        if self.arch not in (None, "vit", "dinov2", "dinov2_with_registers"):
+            _fail(f"{p}.arch", self.arch, "allowed: null (read from path), 'vit', 'dinov2', 'dinov2_with_registers'")
+        if self.source == "config" and self.arch in ("dinov2", "dinov2_with_registers"):
+            if self.mlp_size % self.hidden_size:  # transformers' Dinov2Config holds mlp_ratio, not a width
+                _fail(f"{p}.mlp_size", self.mlp_size, f"DINOv2 needs a multiple of hidden_size={self.hidden_size}")
+            if self.arch == "dinov2_with_registers" and self.num_register_tokens < 1:
+                _fail(f"{p}.num_register_tokens", self.num_register_tokens, "must be >= 1 (or use arch 'dinov2')")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What every class-incremental model of this project shares (SD-LoRA and the baselines).
 
-    frozen ViT backbone -> final-LayerNorm CLS token -> GrowingClassifier (rows in class order)
+    frozen ViT / DINOv2 backbone -> final-LayerNorm CLS token -> GrowingClassifier (rows in class order)
 
 The trainer drives every model through the same lifecycle and never asks which method it is:
     start_task(t, n_new)   grow the adapters and the classifier for task t
@@ -33,7 +33,7 @@ class IncrementalViT(nn.Module):
     def __init__(self, cfg: RunConfig):
         super().__init__()
         self.adapter_cfg = cfg.adapter
-        self.backbone = build_backbone(cfg.backbone)  # every parameter frozen
+        self.backbone = build_backbone(cfg.backbone, image_size=cfg.data.image_size)  # every parameter frozen
         # Keys of the pretrained weights, taken before any projection is wrapped (wrapped layers keep
         # the `weight`/`bias` names). Everything else in the state dict is ours and goes into
         # adapter_state_dict; the adapters' own parameters (a_cur, lora_a, ...) live inside the
