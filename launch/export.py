@@ -15,8 +15,8 @@ from sdlora_ds.export import export_run  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Fold SD-LoRA into the dense weights and write a "
-                                                 "ViTForImageClassification folder (safetensors)")
+    parser = argparse.ArgumentParser(description="Fold SD-LoRA into the dense weights and write a transformers "
+                                                 "ViT/Dinov2(WithRegisters)ForImageClassification folder (safetensors)")
     parser.add_argument("--run", required=True, help="run folder (runs/NAME) with config.json and final_model.pt")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--no-verify", action="store_true",
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # user mistakes: one line naming the folder/field and the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {args.run} -> {out} (load with ViTForImageClassification.from_pretrained or "
+    print(f"exported {args.run} -> {out} (load with AutoModelForImageClassification.from_pretrained or "
           f"pipeline('image-classification', model={out!r}))")
     return 0
 

@@ -2,10 +2,16 @@
 
 Every direction and magnitude (SD-LoRA), or the LoRA update (seq_lora), is folded into the dense
 weight of its projection, W' = W + sum_i (m_i + k_i + k_i^p) B_i A_i / norm_i (+ m_t B_t A_t), so the
-exported model is a plain ViTForImageClassification: the cost of a plain ViT, loadable with
-`from_pretrained` or `pipeline("image-classification")`, predicting what the trainer predicts.
+exported model is a plain ViTForImageClassification / Dinov2ForImageClassification /
+Dinov2WithRegistersForImageClassification (the backbone's architecture): the cost of the plain
+model, loadable with `from_pretrained` or `pipeline("image-classification")`, predicting what the
+trainer predicts.
 
-    out_dir/config.json               ViTConfig + id2label in class order (head row j = class_order[j])
+transformers' DINOv2 classifiers read concat(CLS, mean of the patch tokens) (width 2d; the
+registers variant leaves the register tokens out of the mean); ours reads the CLS token only, so the
+head goes into the CLS half of the classifier weight and the patch half is zero: the same logits.
+
+    out_dir/config.json               the backbone's config + id2label in class order (head row j = class_order[j])
     out_dir/model.safetensors         the merged weights and the classifier
     out_dir/preprocessor_config.json  the trainer's test transform (see `image_processor`)
 
@@ -104,7 +110,7 @@ def image_processor(data_cfg: DataConfig):
 
 @torch.no_grad()
 def merged_backbone_state(model) -> dict:
-    """The pretrained backbone's state dict (plain ViTModel keys) with every adapted projection's
+    """The pretrained backbone's state dict (plain ViTModel / Dinov2Model keys) with every adapted projection's
     weight replaced by its merged weight, fp32 on the CPU."""
     sd = model.state_dict()
     out = {k[len("backbone."):]: sd[k].detach().float().cpu() for k in model.pretrained_keys}
@@ -113,26 +119,43 @@ def merged_backbone_state(model) -> dict:
     return out
 
 
+def _classifier_class(arch: str):
+    """The transformers image-classification class of a backbone's model_type."""
+    import transformers
+    names = {"vit": "ViTForImageClassification", "dinov2": "Dinov2ForImageClassification",
+             "dinov2_with_registers": "Dinov2WithRegistersForImageClassification"}
+    if arch not in names:
+        raise ValueError(f"export_model: no export for backbone model_type {arch!r}; supported: {sorted(names)}")
+    return getattr(transformers, names[arch])
+
+
 @torch.no_grad()
 def export_model(model, class_names_in_order: list, data_cfg: DataConfig, out_dir: str,
                  verify: bool = True):
-    """Write `model` (SDLoRAModel or a baseline) as a ViTForImageClassification folder; returns the
-    transformers model. class_names_in_order[j] names head row j (= class_order[j]); names beyond
-    the classes seen so far are ignored. verify: compare both models' logits on a random batch."""
-    from transformers import ViTConfig, ViTForImageClassification
+    """Write `model` (SDLoRAModel or a baseline) as a *ForImageClassification folder of its backbone's
+    architecture; returns the transformers model. class_names_in_order[j] names head row j
+    (= class_order[j]); names beyond the classes seen so far are ignored. verify: compare both
+    models' logits on a random batch at data.image_size."""
     n = model.head.num_classes
     if n == 0:
         raise ValueError("export_model: the model has no classes yet (no task was started)")
     if len(class_names_in_order) < n:
         raise ValueError(f"export_model: {len(class_names_in_order)} class names for a head of {n} classes")
     names = [str(c) for c in class_names_in_order[:n]]
-    d = model.backbone.config.to_dict()
-    d.update(architectures=["ViTForImageClassification"], id2label={i: c for i, c in enumerate(names)},
+    bb_config = model.backbone.config
+    cls = _classifier_class(bb_config.model_type)
+    d = bb_config.to_dict()
+    d.update(architectures=[cls.__name__], id2label={i: c for i, c in enumerate(names)},
              label2id={c: i for i, c in enumerate(names)})
-    config = ViTConfig.from_dict(d)
-    hf = ViTForImageClassification(config).eval()
-    hf.vit.load_state_dict(merged_backbone_state(model), strict=True)
-    hf.classifier.weight.copy_(model.head.weight.detach().float().cpu())
+    hf = cls(type(bb_config).from_dict(d)).eval()
+    getattr(hf, hf.base_model_prefix).load_state_dict(merged_backbone_state(model), strict=True)
+    w, dim = model.head.weight.detach().float().cpu(), bb_config.hidden_size  # (n, d)
+    if hf.classifier.in_features == dim:  # ViT: the classifier reads the CLS token
+        hf.classifier.weight.copy_(w)
+    else:  # DINOv2: it reads concat(CLS, patch mean); ours is the CLS half, the patch half is zero
+        assert hf.classifier.in_features == 2 * dim, hf.classifier
+        hf.classifier.weight.zero_()
+        hf.classifier.weight[:, :dim].copy_(w)
     hf.classifier.bias.copy_(model.head.bias.detach().float().cpu())
     if verify:
         _verify(model, hf, data_cfg.image_size)

@@ -142,3 +142,118 @@ def test_processor_matches_test_transform_with_normalisation():
     assert got.shape == want.shape == (3, 32, 32)
     # resampling: PIL (trainer) vs torch uint8 antialias (processor) differ by at most one grey level
     assert (got - want).abs().max() <= 1.01 / 255 / 0.2
+
+
+# ------------------------------------------------------------------ DINOv2 backbones
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+DINO = dict(hidden_size=32, num_layers=2, num_heads=2, mlp_size=64, patch_size=14, image_size=28)
+
+
+def trained_like(model, tasks=(4, 3, 3)):
+    """Three tasks with random (non-zero) directions, magnitudes and head: what training leaves."""
+    g = torch.Generator().manual_seed(1)
+    for t, n in enumerate(tasks):
+        model.start_task(t, n)
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.b_cur.copy_(torch.randn(layer.b_cur.shape, generator=g) * 0.3)
+            model.magnitudes.m.copy_(1 + 0.5 * torch.rand(model.magnitudes.m.shape, generator=g))
+            model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["dinov2", "dinov2_with_registers"])
+def test_dinov2_merged_and_exported_logits_equal_the_unmerged_forward(arch, tmp_path):
+    """A saved DINOv2 (native 28 px = 2x2 patches) run at 42 px (3x3): the position embeddings are
+    interpolated in training, merged evaluation and the export alike."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from conftest import tiny_config_dict
+    from sdlora_ds.config import dump_config
+    from sdlora_ds.export import FINAL_MODEL, export_model, export_run, load_final_model, save_final_model
+    from sdlora_ds.model import SDLoRAModel
+    from sdlora_ds.model.backbone import build_backbone
+    torch.manual_seed(0)
+    build_backbone(BackboneConfig(source="config", arch=arch, **DINO)).save_pretrained(str(tmp_path / "bb"))
+    raw = tiny_config_dict(backbone={"source": "pretrained", "path": str(tmp_path / "bb")},
+                           data={"image_size": 42, "test_resize": 48, **IMAGENET}, adapter={"rank": 2})
+    cfg = config_from_dict(raw)
+    model = trained_like(SDLoRAModel(cfg))
+    x = torch.rand(3, 3, 42, 42, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        unmerged = model(x)
+        with model.merged_eval():
+            merged = model(x)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    assert unmerged.std() > 0.1  # the adapters and head are not trivial
+
+    names = [f"c{j}" for j in range(10)]
+    hf = export_model(model, names, cfg.data, str(tmp_path / "out"))  # _verify runs inside
+    assert type(hf).__name__ == {"dinov2": "Dinov2ForImageClassification",
+                                 "dinov2_with_registers": "Dinov2WithRegistersForImageClassification"}[arch]
+    assert torch.equal(hf.classifier.weight[:, 32:], torch.zeros(10, 32))  # the patch-mean half
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).logits, unmerged, rtol=1e-4, atol=1e-4)
+        loaded = AutoModelForImageClassification.from_pretrained(str(tmp_path / "out")).eval()
+        assert type(loaded) is type(hf)
+        torch.testing.assert_close(loaded(pixel_values=x).logits, unmerged, rtol=1e-4, atol=1e-4)
+    assert all("lora" not in k and "frozen" not in k and "cur" not in k for k in loaded.state_dict())
+    proc = AutoImageProcessor.from_pretrained(str(tmp_path / "out"))
+    assert proc.do_normalize and list(proc.image_mean) == IMAGENET["mean"] and list(proc.image_std) == IMAGENET["std"]
+    assert proc.crop_size == {"height": 42, "width": 42}
+    from sdlora_ds.export import predict_labels
+    ims = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 48, 3), dtype=np.uint8)) for i in range(4)]
+    with torch.no_grad():
+        want = loaded(pixel_values=proc(ims, return_tensors="pt")["pixel_values"]).logits.argmax(1).tolist()
+    assert predict_labels(str(tmp_path / "out"), ims) == [names[j] for j in want]  # pipeline() on the export
+
+    # the run's final-model file round-trips and exports the same model
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dump_config(cfg, str(run_dir / "config.json"))
+    order = [3, 1, 4, 0, 5, 9, 2, 6, 8, 7]
+    save_final_model(str(run_dir / FINAL_MODEL), model, cfg, order, names)
+    again, _, payload = load_final_model(str(run_dir))
+    assert not payload["full_state"] and again.backbone.config.model_type == arch
+    with torch.no_grad(), again.merged_eval():
+        torch.testing.assert_close(again(x), unmerged, rtol=1e-4, atol=1e-4)
+    export_run(str(run_dir), str(tmp_path / "out2"))
+    exported = AutoModelForImageClassification.from_pretrained(str(tmp_path / "out2")).eval()
+    assert [exported.config.id2label[i] for i in range(10)] == [names[c] for c in order]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(pixel_values=x).logits, unmerged, rtol=1e-4, atol=1e-4)
+
+
+def test_config_built_dinov2_round_trips_through_the_final_model_file(tmp_path):
+    """source='config' (random init): the backbone weights travel in the file (full_state)."""
+    from conftest import tiny_config_dict
+    from sdlora_ds.config import dump_config
+    from sdlora_ds.export import FINAL_MODEL, export_run, load_final_model, save_final_model
+    from sdlora_ds.model import SDLoRAModel
+    raw = tiny_config_dict(backbone={"arch": "dinov2_with_registers", "num_register_tokens": 2, **DINO},
+                           data={"image_size": 28, "test_resize": 28}, adapter={"rank": 2})
+    cfg = config_from_dict(raw)
+    torch.manual_seed(5)
+    model = trained_like(SDLoRAModel(cfg))
+    dump_config(cfg, str(tmp_path / "config.json"))
+    save_final_model(str(tmp_path / FINAL_MODEL), model, cfg, list(range(10)), [str(c) for c in range(10)])
+    again, _, payload = load_final_model(str(tmp_path))
+    assert payload["full_state"]
+    x = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(again(x), want, rtol=1e-5, atol=1e-5)
+    export_run(str(tmp_path), str(tmp_path / "out"))  # _verify passes
+
+
+def test_imagenet_normalisation_in_train_and_test_transforms_and_processor():
+    from sdlora_ds.data.transforms import build_transform
+    from sdlora_ds.export import image_processor
+    d = DataConfig(index="x", image_size=28, test_resize=32, interpolation="bilinear", hflip=False,
+                   train_scale=[1.0, 1.0], train_ratio=[1.0, 1.0], **IMAGENET)
+    rgb = (200, 100, 30)
+    im = Image.new("RGB", (40, 40), rgb)  # constant: every resampling gives the same pixels
+    want = torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, IMAGENET["mean"], IMAGENET["std"])])
+    for got in (build_transform(d, train=True)(im), build_transform(d, train=False)(im),
+                image_processor(d)(im, return_tensors="pt")["pixel_values"][0]):
+        assert got.shape == (3, 28, 28)
+        torch.testing.assert_close(got, want[:, None, None].expand(3, 28, 28), rtol=0, atol=1e-5)

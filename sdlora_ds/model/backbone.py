@@ -128,8 +128,9 @@ def check_input_size(backbone: nn.Module, image_size: int, path: Optional[str] =
                              f"{c.image_size} px (its position embeddings are not interpolated); set "
                              f"data.image_size to {c.image_size}")
     elif image_size % c.patch_size:
+        near = max(1, round(image_size / c.patch_size)) * c.patch_size
         raise ValueError(f"config field 'data.image_size': got {image_size}; the DINOv2 backbone{src} has patch size "
-                         f"{c.patch_size}, use a multiple of it (e.g. {max(1, round(image_size / c.patch_size)) * c.patch_size})")
+                         f"{c.patch_size}, use a multiple of it (e.g. {near})")
 
 
 def describe_backbone(backbone: nn.Module) -> dict:
