@@ -22,7 +22,15 @@ barrier), rank 0 writes the manifest, fsyncs, and renames the folder to `<name>`
 on POSIX). A folder counts as complete only if its name has no leading dot, its manifest parses and
 every file it lists exists with the listed size (and sha256, checked before loading). A run killed
 at any moment therefore leaves either the previous checkpoints alone or a new complete one. Older
-complete checkpoints beyond train.keep_checkpoints are renamed to `.del-<name>` and then deleted.
+complete checkpoints beyond train.keep_checkpoints are renamed to `.del-<name>` and then deleted,
+except the newest task-end checkpoint: it is the only kind that resumes on another world size or
+ZeRO stage (mid-task DeepSpeed checkpoints hold per-rank optimizer shards), so it is kept however
+many mid-task checkpoints follow it.
+
+`--resume auto` takes the newest checkpoint whose files all match their sha256. If the folder holds
+checkpoints but every one is damaged, it stops (CheckpointError naming each and why) rather than
+silently starting over; with fresh_if_damaged the damaged ones are set aside as `.damaged-<name>`
+(kept for inspection, never picked up) and the run starts from the beginning.
 
 Every rank writes into the same folder: output_dir must be on a filesystem all nodes share (as the
 data is); a rank file missing when rank 0 seals the folder stops the run with that explanation.
@@ -113,6 +121,8 @@ class Checkpoints:
             path = os.path.join(self.root, name)
             if not os.path.isdir(path):
                 continue
+            if name.startswith(".damaged-"):  # set aside by a fresh start (--fresh-if-damaged)
+                continue
             if name.startswith("."):
                 skipped.append(f"{name}: temporary folder (being written, or left by a killed run)")
                 continue
@@ -134,7 +144,7 @@ class Checkpoints:
                 skipped.append(str(e))
         return None, skipped
 
-    def resolve(self, resume: Optional[str]) -> tuple[Optional[str], list]:
+    def resolve(self, resume: Optional[str], fresh_if_damaged: bool = False) -> tuple[Optional[str], list]:
         """The checkpoint to start from, decided on rank 0 alone (the others get its answer):
         resume=None: none (refused if this run folder already holds checkpoints: they would mix);
         'auto': the newest complete one, or none; a path: that checkpoint (or the newest complete one
@@ -144,7 +154,7 @@ class Checkpoints:
         answer = None
         if self.is_main:
             try:
-                answer = ("ok", *self._resolve(resume))
+                answer = ("ok", *self._resolve(resume, fresh_if_damaged))
             except CheckpointError as e:
                 answer = ("error", str(e), [])
         answer = broadcast_object(self.acc, answer)
@@ -152,7 +162,7 @@ class Checkpoints:
             raise CheckpointError(answer[1])
         return answer[1], answer[2]
 
-    def _resolve(self, resume: Optional[str]) -> tuple[Optional[str], list]:
+    def _resolve(self, resume: Optional[str], fresh_if_damaged: bool = False) -> tuple[Optional[str], list]:
         if resume is None:
             complete, _ = self.scan()
             if complete:
@@ -165,6 +175,15 @@ class Checkpoints:
             path, skipped = self.newest()
             notes = [f"skipped {s}" for s in skipped]
             if path is None:
+                damaged = self._damaged()
+                if damaged and not fresh_if_damaged:
+                    raise CheckpointError(
+                        f"--resume auto: every checkpoint in {self.root!r} is damaged, nothing to resume from "
+                        f"({'; '.join(skipped)}); resume from another copy with --resume PATH, or pass "
+                        f"--resume auto --fresh-if-damaged to start this run over (its logs restart too)")
+                for name in damaged:
+                    os.rename(os.path.join(self.root, name), os.path.join(self.root, f".damaged-{name}"))
+                    notes.append(f"set aside damaged checkpoint {name} as .damaged-{name}")
                 notes.append(f"no complete checkpoint in {self.root!r}: starting from the beginning")
             return path, notes
         path = os.path.abspath(resume)
@@ -182,6 +201,14 @@ class Checkpoints:
                                   f"a folder under run_dir/checkpoints/")
         read_manifest(path, verify_hashes=True)
         return path, []
+
+    def _damaged(self) -> list:
+        """Names of checkpoint folders that are not temporary (so they were sealed once) but fail
+        their manifest, size or sha256 check (call after newest() found none usable)."""
+        if not os.path.isdir(self.root):
+            return []
+        return sorted(n for n in os.listdir(self.root)
+                      if os.path.isdir(os.path.join(self.root, n)) and not n.startswith("."))
 
     # ------------------------------------------------------------------ writing
     def save(self, name: str, meta: dict, shared: dict, write_rank: Callable[[str], None],
@@ -236,9 +263,12 @@ class Checkpoints:
         self.prune()
 
     def prune(self) -> None:
-        """Delete complete checkpoints beyond the newest `keep` (rank 0)."""
+        """Delete complete checkpoints beyond the newest `keep`, never the newest task-end one (rank 0)."""
         complete, _ = self.scan()
+        task_ends = [p for p, m in complete if m.get("task_end") is not None]
         for path, _ in complete[self.keep:]:
+            if task_ends and path == task_ends[0]:
+                continue
             trash = os.path.join(self.root, ".del-" + os.path.basename(path))
             os.rename(path, trash)  # gone from discovery at once, even if the deletion is interrupted
             shutil.rmtree(trash, ignore_errors=True)

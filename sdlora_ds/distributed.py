@@ -24,7 +24,9 @@ whole; the CPU tests partition it (launch/ds_cpu_zero3.json: threshold 0) and re
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import inspect
 import os
 import sys
 import threading
@@ -43,6 +45,23 @@ from .config import ConfigError, RunConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@dataclasses.dataclass
+class _DDPKwargs(DistributedDataParallelKwargs):
+    """accelerate's DDP arguments plus torch >= 2.13's forward_sync_buffers (accelerate 1.x has no field)."""
+    forward_sync_buffers: Optional[bool] = None
+
+
+def ddp_kwargs_handler() -> DistributedDataParallelKwargs:
+    """DDP without the per-forward buffer broadcast: the frozen directions are buffers, identical on
+    every rank by construction, and broadcasting them at every forward would cost O(tasks) traffic
+    per step for nothing. torch >= 2.13 spells it forward_sync_buffers=False (broadcast_buffers is
+    deprecated there and warns); the buffers are still broadcast once when DDP wraps the model,
+    which changes nothing since they are equal."""
+    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters:
+        return _DDPKwargs(forward_sync_buffers=False)
+    return DistributedDataParallelKwargs(broadcast_buffers=False)
+
+
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # The accelerate configs in launch/ name their DeepSpeed file relative to the repository root;
@@ -52,11 +71,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
             os.path.exists(os.path.join(REPO, ds_file)):
         os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = os.path.join(REPO, ds_file)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
-    handlers = [
-        # Frozen directions are buffers, identical on every rank by construction: broadcasting them at
-        # every forward would cost O(tasks) traffic per step for nothing.
-        DistributedDataParallelKwargs(broadcast_buffers=False),
-    ]
+    handlers = []
     if world > 1 or deepspeed:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
@@ -71,6 +86,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     # Under DeepSpeed the precision is the DeepSpeed file's ("auto" there follows this choice).
     mp = None if cfg.dist.mixed_precision == "auto" else cfg.dist.mixed_precision
     acc = Accelerator(cpu=cpu, mixed_precision=mp, kwargs_handlers=handlers)
+    acc.ddp_handler = ddp_kwargs_handler()  # set here: accelerate accepts only its own handler class
     if mp is not None and acc.mixed_precision != mp:
         raise ConfigError(f"config field 'dist.mixed_precision': {mp!r}, but the launcher's DeepSpeed config "
                           f"({os.environ.get('ACCELERATE_DEEPSPEED_CONFIG_FILE')}) fixes {acc.mixed_precision!r}; set "
@@ -222,7 +238,60 @@ def broadcast_object(accelerator: Accelerator, obj, src: int = 0):
     return box[0]
 
 
-# ---------------------------------------------------------------------- a dead peer
+# ---------------------------------------------------------------------- a dead peer, a dead launcher
+STORE_FAILURES = 3  # consecutive failed heartbeats (interval apart) before the store counts as gone
+
+
+def hard_exit(code: int) -> None:
+    """Exit now (os._exit: no teardown that could wait on a dead peer), releasing the run lock first."""
+    from .runlock import release_all
+    try:
+        release_all()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def under_launcher() -> bool:
+    """Started by torchrun / accelerate launch (their environment), not from a shell by hand."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
+class ParentWatch:
+    """Stops this process when its launcher dies (a SIGKILL of the launcher, or of its process
+    group: torchrun starts workers in their own sessions, so they would otherwise train on as
+    orphans). A daemon thread polls os.getppid() every `interval` seconds: once the parent is gone
+    the process has been re-parented (to init or a subreaper) and the pid changes. Polling rather
+    than prctl(PR_SET_PDEATHSIG): that fires when the parent THREAD that forked exits, which a
+    launcher's helper thread may do while the launcher lives on."""
+
+    def __init__(self, rank: int, world: int, interval: float = 1.0):
+        self.rank, self.world, self.interval = rank, world, interval
+        self.parent = os.getppid()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "ParentWatch":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="sdlora-parent", daemon=True)
+            self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            if os.getppid() != self.parent:
+                print(f"error: rank {self.rank} of {self.world} stops: its launcher (parent process "
+                      f"{self.parent}) is gone. Resume with --resume auto.", file=sys.stderr, flush=True)
+                hard_exit(3)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5 * self.interval)
+            self._thread = None
+
+
 class PeerMonitor:
     """Names the rank that died, and stops this one within dist.timeout_s of a peer going silent.
 
@@ -244,6 +313,7 @@ class PeerMonitor:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        self.address = f"{host}:{port}"
         if world > 1 and host and port:
             try:
                 import torch.distributed as dist
@@ -264,9 +334,11 @@ class PeerMonitor:
     def _beat(self) -> None:
         watched = (self.rank + 1) % self.world
         last, since = None, time.monotonic()
+        failures = 0
         while not self._stop.wait(self.interval):
             try:
                 self.store.add(self._key(self.rank), 1)
+                failures = 0
                 if self.timeout is None:
                     continue
                 seen, now = self.store.add(self._key(watched), 0), time.monotonic()
@@ -275,9 +347,17 @@ class PeerMonitor:
                 elif now - since >= self.timeout and not self.store.check([self._key(watched, "done")]):
                     self._report(f"rank(s) [{watched}] stopped (no heartbeat for {now - since:.0f} s, the "
                                  f"collective timeout dist.timeout_s)", "")
-                    os._exit(3)
-            except Exception:  # store gone (main node down): the collectives will fail and say so
-                return
+                    hard_exit(3)
+            except Exception as e:  # the store is hosted by the main node's launcher (torchrun agent)
+                failures += 1
+                if self._stop.is_set():
+                    return
+                if failures >= STORE_FAILURES:  # not one transient error: the launcher is gone
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    self._report(f"the launcher's rendezvous store at {self.address} is unreachable "
+                                 f"({type(e).__name__}: {first}): the main node's launcher is gone", "",
+                                 "Resume with --resume auto once the job is relaunched.")
+                    hard_exit(3)
 
     def stop(self) -> None:
         """Normal end of this rank: tell the watchers, stop beating."""
@@ -326,5 +406,4 @@ class PeerMonitor:
             first = str(exc).splitlines()[0].rstrip(". ") if str(exc) else ""
             self._report(cause, f" ({type(exc).__name__}: {first})", checkpoint_hint)
         finally:
-            sys.stdout.flush()
-            os._exit(3)
+            hard_exit(3)

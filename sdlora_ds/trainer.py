@@ -10,6 +10,10 @@ from the config; only rank 0 prints, logs and writes results. Where the run stan
 the optimizer/engine, the RNG states and the metrics so far, is what a checkpoint holds
 (`state_dict` here; trainer_state.py writes and reads it with the rest), so a resumed run takes exactly the steps the
 uninterrupted one would have taken.
+
+Around the loop: global rank 0 holds the run folder's lock (runlock.py) from before the checkpoint
+is chosen until the run ends; under a launcher every rank stops if the launcher dies (ParentWatch);
+the logs are put back to the checkpoint's position (logger.py), or started fresh.
 """
 from __future__ import annotations
 
@@ -25,21 +29,29 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .checkpoint import Checkpoints
 from .cil import TaskSchedule
-from .config import RunConfig, config_to_dict, dump_config
+from .config import RunConfig
 from .data import ShardIndex, build_loader
-from .distributed import (PeerMonitor, configure_deepspeed_batch, gathered, held_elements, make_accelerator,
-                          merged_eval, sum_across_ranks, uses_deepspeed, zero_stage)
+from .distributed import (ParentWatch, PeerMonitor, broadcast_object, configure_deepspeed_batch, gathered,
+                          held_elements, make_accelerator, merged_eval, sum_across_ranks, under_launcher,
+                          uses_deepspeed, zero_stage)
 from .export import FINAL_MODEL, save_final_model
 from .logger import MetricLogger, flatten
 from .model import build_model
+from .runlock import RunLock, RunLockError
 from . import trainer_state as S
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, accelerator=None, resume: Optional[str] = None):
+    def __init__(self, cfg: RunConfig, accelerator=None, resume: Optional[str] = None,
+                 fresh_if_damaged: bool = False):
         """resume: None (a fresh run; refused if the run folder already holds checkpoints), 'auto'
-        (the newest complete checkpoint of the run folder, if any) or a checkpoint folder."""
+        (the newest complete checkpoint of the run folder, if any; refused if every checkpoint there
+        is damaged, unless fresh_if_damaged) or a checkpoint folder."""
+        if fresh_if_damaged and resume != "auto":
+            raise ValueError("--fresh-if-damaged goes with --resume auto (it says what to do when every checkpoint "
+                             "of the run folder is damaged)")
         self.cfg = cfg
+        self.lock, self.log, self.monitor, self.parent_watch = None, None, None, None
         self.acc = accelerator or make_accelerator(cfg)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
@@ -52,6 +64,7 @@ class Trainer:
         self.index.check_against(cfg.cil.num_classes, [cfg.data.train_split, cfg.data.test_split])
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg)  # cfg.method: 'sdlora' or a baseline
+        self.backbone = S.backbone_record(self.model, cfg)  # what was really loaded (results, config.json)
         # A resumed run must sit on the same backbone weights.
         self.fingerprint = S.backbone_fingerprint(self.model)
         self.lut = self.schedule.position_lookup(cfg.cil.num_classes)  # class id -> head row
@@ -66,21 +79,65 @@ class Trainer:
         self.task_elapsed = 0.0  # seconds spent in the current task before a resume
         self.engine = self.optimizer = None
         self.pending_engine_state: Optional[str] = None  # mid-task resume: checkpoint to load after prepare
+        self.topologies: list = []  # one S.topology() per launch segment of the run
         self.ckpt = Checkpoints(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints, self.acc)
-        path, notes = self.ckpt.resolve(resume)
+        if under_launcher():  # a launcher SIGKILLed (with its process group) must not leave orphans training
+            self.parent_watch = ParentWatch(self.rank, self.world).start()
+        self.lock = self._take_lock()
+        try:
+            self._open_run(resume, fresh_if_damaged)
+        except BaseException:
+            self.close()
+            raise
+
+    def _take_lock(self) -> Optional[RunLock]:
+        """Global rank 0 locks the run folder (multi-node runs share output_dir); every rank learns
+        the outcome, so all stop alike when another trainer holds it."""
+        lock, answer = None, ("ok", [])
+        if self.is_main:
+            lock = RunLock(self.run_dir)
+            try:
+                answer = ("ok", lock.acquire())
+            except RunLockError as e:
+                answer = ("error", str(e))
+            except OSError as e:
+                answer = ("error", f"config field 'output_dir': cannot write the run folder {self.run_dir!r} "
+                                   f"({e.strerror or e}); choose a writable folder")
+        answer = broadcast_object(self.acc, answer)
+        if answer[0] == "error":
+            raise RunLockError(answer[1])
+        for note in answer[1]:
+            self.print(note)
+        return lock
+
+    def _open_run(self, resume: Optional[str], fresh_if_damaged: bool) -> None:
+        """Choose the checkpoint (or none), put the run and its logs back there, start the watchdog."""
+        path, notes = self.ckpt.resolve(resume, fresh_if_damaged)
         for note in notes:
             self.print(note)
         log_resume = S.load_checkpoint(self, path) if path else None
         self.resumed_from = path
+        self.topologies.append(S.topology(self))
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            dump_config(cfg, os.path.join(self.run_dir, "config.json"))
+            S.write_json_atomic(os.path.join(self.run_dir, "config.json"), S.config_record(self.cfg, self.backbone))
             self.ckpt.sweep()
         self.log = MetricLogger(self.run_dir, enabled=self.is_main, resume=log_resume)
+        for note in self.log.notes:
+            self.print(note)
         # names a dead peer when a collective fails; stops this rank if its ring successor is silent
         # for dist.timeout_s (whatever the backend)
-        self.monitor = PeerMonitor(self.rank, self.world, timeout=cfg.dist.timeout_s).start() \
+        self.monitor = PeerMonitor(self.rank, self.world, timeout=self.cfg.dist.timeout_s).start() \
             if self.world > 1 else None
+
+    def close(self) -> None:
+        """Release what the trainer holds (idempotent): the logs, the run lock, the parent watch."""
+        if self.log is not None:
+            self.log.close()
+        if self.lock is not None:
+            self.lock.release()
+        if self.parent_watch is not None:
+            self.parent_watch.stop()
 
     def fresh_model(self):
         """Another copy of the model as built in __init__ (a 'config' backbone is seeded the same);
@@ -100,7 +157,7 @@ class Trainer:
                 "class_order": self.schedule.order, "world_size": self.world, "micro_batch": self.micro,
                 "grad_accum": self.accum, "global_batch": self.cfg.optim.global_batch,
                 "mixed_precision": str(self.acc.mixed_precision), "zero_stage": self.stage,
-                "log_jsonl_bytes": self.log.jsonl_bytes()}
+                "topologies": self.topologies, "log_position": self.log.position()}
 
     def load_state_dict(self, sd: dict) -> None:
         p = sd["position"]
@@ -110,6 +167,11 @@ class Trainer:
         self.loss_log = [tuple(x) for x in sd["loss_log"]]
         self.task_times, self.task_elapsed = sd["task_times"], sd["task_elapsed"]
         self.model.events = sd["events"]
+        # the segments before this launch (checkpoints from before the history: their one topology)
+        self.topologies = sd.get("topologies") or [
+            {"from_global_step": 0, "from_position": [0, 0, 0], "world_size": sd["world_size"],
+             "micro_batch": sd["micro_batch"], "grad_accum": sd["grad_accum"], "deepspeed": sd["zero_stage"] is not None,
+             "zero_stage": sd["zero_stage"], "mixed_precision": sd["mixed_precision"]}]
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
@@ -125,12 +187,14 @@ class Trainer:
             for t in range(self.position[0], self.cfg.cil.num_tasks):
                 self.train_task(t)
             results = self.finish()
+            if self.monitor is not None:
+                self.monitor.stop()
         except Exception as e:
             if self.monitor is not None:  # name the dead peer and exit now, instead of hanging in teardown
                 self.monitor.abort(e, f"Resume with --resume auto (checkpoints: {self.ckpt.root}).")
             raise
-        if self.monitor is not None:
-            self.monitor.stop()
+        finally:
+            self.close()
         return results
 
     def train_task(self, t: int) -> None:
@@ -294,7 +358,7 @@ class Trainer:
         self.log.scalar("eval/acc_all_seen", self.acc_all[-1], t)
         for j, v in enumerate(row):
             self.log.scalar(f"eval/acc_task_{j}", v, t)
-        self.log.acc_matrix(self.acc_matrix, t)
+        self.log.acc_matrix(self.acc_matrix, self.acc_all, t)
         self.print(f"after task {t}: accuracy on all {self.schedule.end(t)} seen classes {self.acc_all[-1]:.2f}% | "
                    f"per task {[round(v, 2) for v in row]}")
 
@@ -309,23 +373,24 @@ class Trainer:
     # ------------------------------------------------------------------ end of run
     def finish(self) -> dict:
         summary = M.summarize(self.acc_matrix, self.acc_all)
+        config = S.config_record(self.cfg, self.backbone)
         results = {"method": self.cfg.method, "setting": self.schedule.name(), "dataset": self.index.dataset,
                    "backbone_weights": self.cfg.backbone.weights_name or self.cfg.backbone.path,
-                   "class_order": self.schedule.order, **summary, "world_size": self.world,
-                   "global_batch": self.cfg.optim.global_batch, "micro_batch": self.micro,
+                   "backbone": self.backbone, "class_order": self.schedule.order, **summary,
+                   # this (last) launch; every segment of a resumed run: "topologies"
+                   "world_size": self.world, "global_batch": self.cfg.optim.global_batch, "micro_batch": self.micro,
                    "grad_accum": self.accum, "zero_stage": self.stage, "mixed_precision": str(self.acc.mixed_precision),
-                   "task_seconds": self.task_times, "events": self.model.events, "loss_log": self.loss_log,
-                   "config": config_to_dict(self.cfg)}
+                   "topologies": self.topologies, "task_seconds": self.task_times, "events": self.model.events,
+                   "loss_log": self.loss_log, "config": config}
         final_model = S.plain_model(self)  # collective under ZeRO-3; None on ranks other than 0 there
         if self.is_main:
             path = os.path.join(self.run_dir, "results.json")
             S.write_json_atomic(path, results)
-            self.log.scalar("final/avg_acc", summary["avg_acc"], len(self.acc_all) - 1)
-            self.log.scalar("final/last_acc", summary["last_acc"], len(self.acc_all) - 1)
-            self.log.scalar("final/forgetting", summary["forgetting"], len(self.acc_all) - 1)
-            self.log.scalar("final/bwt", summary["bwt"], len(self.acc_all) - 1)
-            self.log.hparams(flatten(config_to_dict(self.cfg)),
-                             {k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt")})
+            last = len(self.acc_all) - 1
+            for k in ("avg_acc", "last_acc", "forgetting", "bwt"):
+                self.log.scalar(f"final/{k}", summary[k], last)
+            hparams = {**flatten(config), "backbone.num_parameters": self.backbone["num_parameters"]}
+            self.log.hparams(hparams, {k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt")}, last)
             self.log.close()
             print("\naccuracy matrix (%):\n" + M.format_matrix(self.acc_matrix, self.acc_all))
             print(f"Avg Acc {summary['avg_acc']:.2f} | Last Acc {summary['last_acc']:.2f} | "

@@ -2,7 +2,8 @@
 the atomic writing and the finding).
 
     trainer.json   Trainer.state_dict(): position (task, epoch, step in epoch), global step, accuracy
-                   matrix, losses, task times, model events, class order, batch plan, precision
+                   matrix, losses, task times, model events, class order, batch plan, precision, the
+                   launch topology of every segment so far, the logs' position (logger.py)
     config.json    the resolved config; a resume must use the same one up to RESUME_MAY_DIFFER
     model.pt       model.structure() + adapter_state_dict() (frozen and current directions,
                    magnitudes, classifier; gathered whole under ZeRO-3) + a backbone fingerprint
@@ -43,6 +44,49 @@ RESUME_MAY_DIFFER = {"name", "output_dir", "backbone.path", "backbone.weights_na
                      "data.cache_task", "data.verify_checksums", "data.bad_sample_tolerance", "train.log_every",
                      "train.eval_batch", "train.checkpoint_every", "train.keep_checkpoints", "dist.timeout_s",
                      "dist.mixed_precision"}  # the RESOLVED precision must match (checked separately)
+
+
+# ---------------------------------------------------------------------- what a run records about itself
+def backbone_record(model, cfg) -> dict:
+    """The backbone the run really uses, read from the loaded model (not the config's arch fields,
+    which a pretrained backbone ignores): model_backbone.describe_backbone plus the MLP width and
+    where the weights came from."""
+    bb, c = model.backbone, model.backbone.config
+    try:
+        from .model.backbone import describe_backbone
+        rec = describe_backbone(bb)
+    except ImportError:  # a backbone module without it: the same facts, read here
+        rec = {"arch": c.model_type, "class": type(bb).__name__, "hidden_size": c.hidden_size,
+               "num_layers": c.num_hidden_layers, "num_heads": c.num_attention_heads, "patch_size": c.patch_size,
+               "image_size": c.image_size,
+               "num_parameters": int(sum(getattr(p, "ds_numel", p.numel()) for p in bb.parameters()))}
+    mlp = getattr(c, "intermediate_size", None) or int(round(getattr(c, "mlp_ratio", 0) * c.hidden_size))
+    rec.update(mlp_size=int(mlp), layer_norm_eps=float(c.layer_norm_eps), source=cfg.backbone.source,
+               path=cfg.backbone.path, weights_name=cfg.backbone.weights_name)
+    return rec
+
+
+def config_record(cfg, backbone: dict) -> dict:
+    """The resolved config as run: the backbone section's architecture fields hold the loaded
+    model's values (for source='pretrained' the configured ones are unused defaults). Loading it
+    again builds the same run (launch/export.py does)."""
+    d = config_to_dict(cfg)
+    b = d["backbone"]
+    for key in ("hidden_size", "num_layers", "num_heads", "mlp_size", "patch_size", "image_size", "layer_norm_eps"):
+        b[key] = backbone[key]
+    if "arch" in b:
+        b["arch"] = backbone["arch"]
+    if "num_register_tokens" in b and backbone.get("num_register_tokens"):
+        b["num_register_tokens"] = backbone["num_register_tokens"]
+    return d
+
+
+def topology(trainer) -> dict:
+    """How this launch runs the loop (one entry per segment of a resumed run, in results.json)."""
+    return {"from_global_step": trainer.global_step, "from_position": list(trainer.position),
+            "world_size": trainer.world, "micro_batch": trainer.micro, "grad_accum": trainer.accum,
+            "deepspeed": trainer.deepspeed, "zero_stage": trainer.stage,
+            "mixed_precision": str(trainer.acc.mixed_precision)}
 
 
 def backbone_fingerprint(model) -> list:
@@ -150,8 +194,8 @@ def _task_end_fallback(trainer) -> str:
 
 
 def load_checkpoint(trainer, path: str) -> tuple:
-    """Put `trainer` (freshly built) back where checkpoint `path` was taken. Returns (global step,
-    metrics.jsonl length) for the logger. The optimizer/engine state of a mid-task checkpoint is
+    """Put `trainer` (freshly built) back where checkpoint `path` was taken. Returns the logs'
+    position at the checkpoint, for the logger (MetricLogger resume). The optimizer/engine state of a mid-task checkpoint is
     loaded later, once build_engine has created the engine (load_engine_state)."""
     man = read_manifest(path)
     with open(os.path.join(path, "trainer.json")) as f:
@@ -192,7 +236,8 @@ def load_checkpoint(trainer, path: str) -> tuple:
         trainer.print(f"note: checkpoint written by {saved_world} process(es), resumed by {trainer.world}: the same "
                       f"global batches follow; per-rank RNG states are not restored (training draws from none: "
                       f"factors, order and augmentation are seeded explicitly)")
-    return state["global_step"], state["log_jsonl_bytes"]
+    # checkpoints from before event counting hold the metrics.jsonl length only
+    return state.get("log_position") or {"tb_events": None, "jsonl_bytes": state.get("log_jsonl_bytes", 0)}
 
 
 def load_engine_state(trainer, path: str) -> None:

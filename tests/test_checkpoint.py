@@ -79,6 +79,24 @@ def test_half_written_checkpoints_are_skipped_for_the_last_complete_one(tmp_path
     assert not any(n.startswith(".") for n in os.listdir(ck.root))
 
 
+def test_keep_last_k_never_deletes_the_newest_task_end_checkpoint(tmp_path):
+    """The newest task-end checkpoint is the only one that resumes on another world size or ZeRO
+    stage: however many mid-task checkpoints follow it, it stays (older task ends do not)."""
+    ck = Checkpoints(str(tmp_path / "ck"), keep=2, accelerator=OneProcess())
+
+    def save_end(step, task):
+        ck.save(f"step-{step:08d}-task{task}-end", {"order": [step, 1], "task_end": task},
+                {"trainer.json": write_json({"s": step})}, write_torch({"rng": torch.arange(3)}))
+    save_end(3, 0)
+    for step in (4, 5, 6):
+        save(ck, step)
+    assert sorted(os.listdir(ck.root)) == ["step-00000003-task0-end", "step-00000005", "step-00000006"]
+    save_end(7, 1)
+    save(ck, 8)
+    save(ck, 9)
+    assert sorted(os.listdir(ck.root)) == ["step-00000007-task1-end", "step-00000008", "step-00000009"]
+
+
 def test_keep_last_k_and_resaving_a_step(tmp_path):
     ck = Checkpoints(str(tmp_path / "ck"), keep=2, accelerator=OneProcess())
     for step in (1, 2, 3, 4):
@@ -109,9 +127,11 @@ def small(shards, out, **over):
 
 
 def comparable(res: dict) -> dict:
-    """results.json without what legitimately differs between two runs: wall-clock times, where it ran."""
+    """results.json without what legitimately differs between two runs: wall-clock times, where it
+    ran, the launch segments (a resumed run has one more: checked by test_topologies_...)."""
     res = json.loads(json.dumps(res))
     res.pop("task_seconds")
+    res.pop("topologies")
     res["config"].pop("output_dir")
     return res
 
@@ -188,3 +208,147 @@ def test_loader_start_batch_skips_to_the_same_batches(shards, workers):
     m, tail = batches(5)
     assert m == n - 5 and tail == full[5:]
     assert batches(n) == (0, [])
+
+
+# ---------------------------------------------------------------------- logs across resumes
+class Killed(Exception):
+    """Stands for a SIGKILL at a chosen point (the logs written so far are flushed: the worst case)."""
+
+
+def killed_at(where: str):
+    """A Trainer that dies at `where`: 'step<N>' after optimizer step N (its logs written), 'eval<t>'
+    after task t's evaluation was logged (before its task-end checkpoint), 'finish' after the final
+    metrics and hparams were logged (before results.json)."""
+    from sdlora_ds.trainer import Trainer
+
+    class Dying(Trainer):
+        def train_step(self, t, micro_batches):
+            loss = super().train_step(t, micro_batches)
+            if where == f"step{self.global_step}":
+                self.log.flush()
+                raise Killed(where)
+            return loss
+
+        def evaluate(self, t):
+            super().evaluate(t)
+            if where == f"eval{t}":
+                self.log.flush()
+                raise Killed(where)
+
+        def finish(self):
+            if where == "finish":
+                self.log.scalar("final/avg_acc", 0.0, len(self.acc_all) - 1)
+                self.log.hparams({"x": 1}, {"avg_acc": 0.0}, len(self.acc_all) - 1)
+                self.log.flush()
+                raise Killed(where)
+            return super().finish()
+    return Dying
+
+
+def logs(run_dir) -> tuple:
+    """(everything TensorBoard's EventAccumulator reads back, metrics.jsonl lines)."""
+    from sdlora_ds.logger import read_back
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return read_back(os.path.join(run_dir, "tensorboard")), f.read().splitlines()
+
+
+def assert_same_logs(got_dir, ref_dir):
+    (tb, jsonl), (ref_tb, ref_jsonl) = logs(got_dir), logs(ref_dir)
+    assert jsonl == ref_jsonl
+    assert tb["tags"] == ref_tb["tags"]  # every point in order, hparams summaries included
+    for kind in ("scalars", "images", "tensors"):
+        assert tb[kind] == ref_tb[kind], kind
+    assert [s for s, *_ in tb["images"]["eval/acc_matrix"]] == [0, 1]
+
+
+@pytest.mark.parametrize("where,every", [("step7", 4), ("eval1", 4), ("finish", 1)])
+def test_killed_and_resumed_logs_equal_an_uninterrupted_run(shards, full_run, tmp_path, where, every):
+    """TensorBoard (read back with EventAccumulator) and metrics.jsonl of a run killed after step 7
+    (resumed from step 4: steps 5-7 logged again), after its last evaluation (resumed mid-task: the
+    task is evaluated again) or in finish (the final metrics and hparams again), and of a finished
+    run re-run, equal the uninterrupted run's point for point."""
+    from sdlora_ds.trainer import Trainer
+    out, ref = full_run
+    cfg = small(shards, tmp_path, train={"checkpoint_every": every, "keep_checkpoints": 100})
+    with pytest.raises(Killed):
+        killed_at(where)(cfg).run()
+    Trainer(cfg, resume="auto").run()
+    assert_same_logs(os.path.join(tmp_path, "run"), os.path.join(out, "run"))
+    if where == "finish":  # and a finished run run again changes nothing either
+        Trainer(cfg, resume="auto").run()
+        assert_same_logs(os.path.join(tmp_path, "run"), os.path.join(out, "run"))
+
+
+def test_a_fresh_start_over_old_logs_starts_them_fresh(shards, full_run, tmp_path, capsys):
+    """Killed before its first checkpoint: a fresh start (no --resume, or --resume auto finding
+    none) removes the earlier attempt's logs instead of appending to them."""
+    from sdlora_ds.trainer import Trainer
+    out, _ = full_run
+    cfg = small(shards, tmp_path, train={"checkpoint_every": 0})
+    with pytest.raises(Killed):
+        killed_at("step4")(cfg).run()
+    assert not os.path.exists(os.path.join(tmp_path, "run", "checkpoints"))
+    assert os.path.getsize(os.path.join(tmp_path, "run", "metrics.jsonl")) > 0
+    Trainer(cfg).run()
+    assert_same_logs(os.path.join(tmp_path, "run"), os.path.join(out, "run"))
+    assert "fresh start: removed" in capsys.readouterr().out
+    # the logs of a whole run and a killed one, no checkpoint: --resume auto starts them fresh too
+    import shutil
+    shutil.rmtree(os.path.join(tmp_path, "run", "checkpoints"))
+    with pytest.raises(Killed):
+        killed_at("step3")(cfg).run()
+    Trainer(cfg, resume="auto").run()
+    assert_same_logs(os.path.join(tmp_path, "run"), os.path.join(out, "run"))
+
+
+def _damage(path: str) -> None:
+    with open(os.path.join(path, "model.pt"), "r+b") as f:
+        f.seek(-5, 2)
+        b = f.read(1)
+        f.seek(-5, 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_resume_auto_with_every_checkpoint_damaged_stops_unless_asked(shards, full_run, tmp_path, capsys):
+    import shutil
+    import train
+    from sdlora_ds.config import config_to_dict
+    from sdlora_ds.trainer import Trainer
+    out, _ = full_run
+    cfg = small(shards, tmp_path, train={"checkpoint_every": 0, "keep_checkpoints": 100})
+    with pytest.raises(Killed):
+        killed_at("step9")(cfg).run()
+    root = os.path.join(tmp_path, "run", "checkpoints")
+    assert os.listdir(root) == ["step-00000006-task0-end"]
+    _damage(os.path.join(root, "step-00000006-task0-end"))
+    with pytest.raises(CheckpointError, match=r"every checkpoint .* is damaged.*sha256.*--fresh-if-damaged"):
+        Trainer(cfg, resume="auto")
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(config_to_dict(cfg)))
+    capsys.readouterr()
+    assert train.main(["--config", str(path), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "damaged" in err and "\n" not in err, err
+    with pytest.raises(ValueError, match="--resume auto"):  # the flag is for --resume auto only
+        Trainer(cfg, fresh_if_damaged=True)
+    Trainer(cfg, resume="auto", fresh_if_damaged=True).run()
+    assert ".damaged-step-00000006-task0-end" in os.listdir(root)  # set aside for inspection, never picked up
+    assert_same_logs(os.path.join(tmp_path, "run"), os.path.join(out, "run"))
+    shutil.rmtree(os.path.join(root, ".damaged-step-00000006-task0-end"))
+
+
+def test_results_record_every_launch_topology_and_the_backbone_used(shards, full_run, tmp_path):
+    """A run resumed twice lists three launch segments; the backbone recorded is the loaded one."""
+    from sdlora_ds.trainer import Trainer
+    out, ref = full_run
+    cfg = small(shards, tmp_path, train={"checkpoint_every": 4, "keep_checkpoints": 100})
+    with pytest.raises(Killed):
+        killed_at("step5")(cfg).run()
+    with pytest.raises(Killed):
+        killed_at("step10")(cfg, resume="auto").run()
+    res = Trainer(cfg, resume="auto").run()
+    assert [t["from_global_step"] for t in res["topologies"]] == [0, 4, 8]
+    assert [t["from_position"] for t in res["topologies"]] == [[0, 0, 0], [0, 1, 1], [1, 0, 2]]
+    assert all((t["world_size"], t["micro_batch"], t["grad_accum"], t["zero_stage"]) == (1, 8, 2, None)
+               for t in res["topologies"])
+    assert len(ref["topologies"]) == 1
