@@ -1,0 +1,94 @@
+"""bench/gpu_check.py on the CPU (--cpu-smoke): every part runs with tiny shapes or is skipped with
+its reason, and the JSON + markdown outputs list every part. The GPU figures themselves need a GPU
+(bash bench/gpu_check.sh on one); this checks the script that takes them."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import gpu_check as G  # noqa: E402
+
+
+def load(out):
+    with open(os.path.join(out, "gpu_check.json")) as f:
+        report = json.load(f)
+    with open(os.path.join(out, "gpu_check.md")) as f:
+        return report, f.read()
+
+
+def test_cpu_smoke_runs_every_part_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out))
+    env.pop("SDLORA_GPU_CHECK_CPU", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    report, md = load(out)
+    parts = report["parts"]
+    assert list(parts) == list(G.PARTS), proc.stdout[-3000:]  # every part listed, in order
+    for name, rec in parts.items():
+        assert f"| {name} | {rec['status']} |" in md
+        assert rec["status"] in ("pass", "fail", "skipped")
+        if rec["status"] == "skipped":
+            assert rec["reason"]
+    # another helper adds --device/--out-json to bench/data_throughput.py; until then the part fails loudly
+    for name in ("data_bench_cpu",):
+        assert parts[name]["status"] == "pass" or "unrecognized arguments: --device" in parts[name]["error"]
+    assert parts["data_bench_cuda"]["status"] == "skipped" and "CUDA" in parts["data_bench_cuda"]["reason"]
+    others = [n for n in G.PARTS if n not in ("data_bench_cpu", "data_bench_cuda")]
+    assert all(parts[n]["status"] == "pass" for n in others), {n: parts[n].get("error") for n in others}
+    assert proc.returncode == (0 if parts["data_bench_cpu"]["status"] == "pass" else 1)
+
+    kc = parts["kernel_correctness"]["result"]["checks"]  # ran under the interpreter, really compared
+    assert set(kc) == {"float32/w_float32", "bfloat16/w_float32", "bfloat16/w_bfloat16"}
+    assert all(r["passed"] and r["max_rel_diff"] is not None for r in kc.values())
+    st = parts["step_timing"]["result"]
+    assert st["skipped_variants"].keys() == {"ours_triton", "peak_memory"}
+    for t in G.sizes(True)["tasks"]:
+        row = st["per_t"][str(t)]
+        assert row["ours_ms"] > 0 and row["loop_ms"] > 0 and row["ours_over_frozen"] > 0
+    assert parts["op_timing"]["result"]["per_t"]["20"]["loop_over_ours"] > 0
+    e2e = parts["e2e_train"]["result"]
+    assert e2e["returncode"] == 0 and e2e["img_s_steady"] > 0 and len(e2e["task_seconds"]) == 2
+    assert parts["data_shards"]["result"]["images"] == 4 * 12 and parts["data_shards"]["result"]["img_s"] > 0
+    assert all(t["met"] is None and "cpu-smoke" in t["note"] for t in report["targets"])
+    assert "## Targets" in md and "## Training step" in md and "## Kernel correctness" in md
+    print(f"cpu smoke: {report['total_s']} s")  # < 60 s on an idle 2-core machine
+
+
+def test_a_failing_part_does_not_stop_the_others(tmp_path):
+    """data_shards without the shards part fails (no index); the next part still runs and is recorded."""
+    out = tmp_path / "out"
+    code = G.main(["--cpu-smoke", "--out", str(out), "--only", "data_shards,data_bench_cuda",
+                   "--work", str(tmp_path / "work")])
+    report, md = load(out)
+    assert code == 1
+    ds = report["parts"]["data_shards"]
+    assert ds["status"] == "fail" and "no shard index" in ds["error"] and ds["traceback"]
+    assert report["parts"]["data_bench_cuda"]["status"] == "skipped"
+    assert "| data_shards | fail |" in md
+
+
+def test_total_budget_skips_what_does_not_fit(tmp_path):
+    out = tmp_path / "out"
+    assert G.main(["--cpu-smoke", "--out", str(out), "--budget-s", "0", "--only", "env,step_timing"]) == 0
+    report, _ = load(out)
+    assert [r["status"] for r in report["parts"].values()] == ["skipped", "skipped"]
+    assert all("budget" in r["reason"] for r in report["parts"].values())
+
+
+def test_targets_are_judged_from_the_measured_ratios():
+    report = {"mode": "gpu", "parts": {
+        "step_timing": {"result": {"per_t": {"20": {"ours_over_frozen": 1.04, "loop_over_ours": 1.7,
+                                                    "ours_img_s": 5000.0}}}},
+        "e2e_train": {"status": "fail"}}}
+    got = {t["target"]: t["met"] for t in G.targets(report)}
+    assert list(got.values()) == [True, False, True, None]
+
+
+def test_unknown_part_is_refused():
+    with pytest.raises(SystemExit):
+        G.main(["--only", "nope"])
