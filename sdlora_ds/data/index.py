@@ -15,7 +15,41 @@ from typing import Iterable, Sequence
 from sdlora_ds.fileio import sha256_file
 
 FORMAT = "sdlora-ds-shards/1"
-_FIX = "rebuild it with a converter, e.g. `python -m shards.digits --out data/digits`"
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Dataset name (lower case, letters and digits only) -> converter module and its source argument.
+# A hint names a converter only if its module exists in shards/.
+_CONVERTERS = {
+    "digits": ("digits", ""),
+    "imagenetr": ("imagenet_r", "--src /path/to/imagenet-r "),
+    "imageneta": ("imagenet_a", "--src /path/to/imagenet-a "),
+    "cifar100": ("cifar100", "--src /path/to/cifar-100-python "),
+    "animalmnist": ("animal_mnist", ""),
+    "fashionmnist": ("fashion_mnist", ""),
+    "mnist": ("mnist", ""),
+    "cub": ("cub", "--src /path/to/CUB_200_2011 "),
+    "domainnet": ("domainnet", "--src /path/to/domainnet "),
+}
+
+
+def _norm(text: str) -> str:
+    return "".join(ch for ch in text.lower() if ch.isalnum())
+
+
+def converter_hint(path: str, clues: Sequence[str] = ()) -> str:
+    """How to rebuild the index at `path`: the converter of the dataset named by the index's folder
+    (data/imagenet-r/index.json -> shards.imagenet_r), else by the clues in order (the index's
+    'dataset' field, the run name), else a generic hint. The longest matching name wins
+    (fashion_mnist over mnist)."""
+    out = os.path.dirname(path) or "."
+    for text in [os.path.basename(os.path.dirname(os.path.abspath(path))), *clues]:
+        found = [k for k in _CONVERTERS if k in _norm(text or "")
+                 and os.path.isfile(os.path.join(_REPO, "shards", _CONVERTERS[k][0] + ".py"))]
+        if found:
+            module, src = _CONVERTERS[max(found, key=len)]
+            return f"rebuild it with `python -m shards.{module} {src}--out {out}`"
+    return (f"rebuild it with the converter of its dataset (`python -m shards.<dataset> --out {out}`, see shards/; "
+            f"e.g. `python -m shards.digits --out data/digits` for the demo, shards.imagefolder for any "
+            f"folder-per-class tree)")
 
 
 class ShardIndex:
@@ -32,19 +66,25 @@ class ShardIndex:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str, verify_checksums: bool = False) -> "ShardIndex":
+    def load(cls, path: str, verify_checksums: bool = False, clues: Sequence[str] = ()) -> "ShardIndex":
+        """clues: names that identify the dataset when the index cannot say (e.g. the run name),
+        for the rebuild hint of a missing or broken index (`converter_hint`)."""
         if not os.path.isfile(path):
-            raise ValueError(f"shard index {path!r} does not exist; set data.index to the index.json "
-                             f"of a shard folder or {_FIX}")
+            where = "" if os.path.isabs(path) else f" (relative to the current directory {os.getcwd()!r})"
+            raise ValueError(f"shard index {path!r} does not exist{where}; set data.index to the index.json "
+                             f"of a shard folder or {converter_hint(path, clues)}")
         try:
             with open(path) as f:
                 raw = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"shard index {path!r} is not readable JSON ({e}); {_FIX}") from None
+            raise ValueError(f"shard index {path!r} is not readable JSON ({e}); {converter_hint(path, clues)}") from None
+        if isinstance(raw, dict) and isinstance(raw.get("dataset"), str):
+            clues = [raw["dataset"], *clues]
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-            raise ValueError(f"shard index {path!r} has format {got!r}, expected {FORMAT!r}; {_FIX}")
-        cls._check_structure(raw, path)
+            raise ValueError(f"shard index {path!r} has format {got!r}, expected {FORMAT!r}; "
+                             f"{converter_hint(path, clues)}")
+        cls._check_structure(raw, path, converter_hint(path, clues))
         index = cls(raw, path)
         for split in index.splits:
             for sh in raw["splits"][split]["shards"]:
@@ -61,9 +101,9 @@ class ShardIndex:
         return index
 
     @staticmethod
-    def _check_structure(raw: dict, path: str) -> None:
+    def _check_structure(raw: dict, path: str, fix: str) -> None:
         def bad(what: str) -> ValueError:
-            return ValueError(f"shard index {path!r} is malformed: {what}; {_FIX}")
+            return ValueError(f"shard index {path!r} is malformed: {what}; {fix}")
         for k in ("dataset", "class_names", "num_classes", "splits"):
             if k not in raw:
                 raise bad(f"missing key {k!r}")

@@ -1,0 +1,139 @@
+"""Process-level settings shared by the launch scripts (train.py, run.py, pretrain_demo_backbone.py).
+
+- `report_error`: a user mistake is ONE line, `error: ...`, printed by the first process of each
+  node (on one machine: once, by rank 0); every process exits with code 2.
+- `cpu_threads` / `set_cpu_threads`: intra-op threads per process = usable CPUs / processes on
+  this machine, unless OMP_NUM_THREADS says otherwise. torch's default (every core in every
+  process) oversubscribes the CPU as soon as two processes share a machine, and on a machine that
+  other jobs keep busy the threads of one process wait on each other at every parallel region.
+- `deepspeed_build_note`: DeepSpeed on CPU compiles a C++ extension (its shared-memory
+  communication op) the first time it starts, silently, for minutes; say so before it starts.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional
+
+
+# ------------------------------------------------------------------ user errors
+def is_reporting_process() -> bool:
+    """True in the process that prints user errors: local rank 0 (or no launcher at all)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+ERROR_GRACE_S = 20.0
+"""How long another process waits before speaking for itself (see report_error)."""
+
+
+def report_error(e: BaseException) -> int:
+    """Print `error: <message>` on the reporting process; returns the exit code (2).
+
+    Every process meets the same mistake (same config, same files), so the others stay silent. But
+    a silent process must not exit first: the launcher would stop the reporting one before it
+    printed. So the others wait; normally the reporting process exits meanwhile and the launcher
+    stops them. A process whose mistake is its own (e.g. a file missing on one node only) prints
+    it after ERROR_GRACE_S, with its rank."""
+    if is_reporting_process():
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    time.sleep(ERROR_GRACE_S)
+    print(f"error (rank {os.environ.get('RANK', '?')}): {e}", file=sys.stderr, flush=True)
+    return 2
+
+
+# ------------------------------------------------------------------ CPU threads
+def usable_cpus() -> int:
+    """CPUs this process may run on: the affinity mask, capped by a cgroup v2 CPU quota (containers)
+    and by the physical core count (a second hyper-thread adds little to dense math)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    try:
+        import psutil
+        physical = psutil.cpu_count(logical=False)
+        if physical:
+            n = min(n, physical)
+    except ImportError:
+        pass
+    return max(1, n)
+
+
+def cpu_threads(local_processes: int = 1, environ: Optional[dict] = None) -> tuple[int, str]:
+    """(threads per process, where the number comes from). OMP_NUM_THREADS wins when set to a
+    positive integer; otherwise usable CPUs // processes on this machine (at least 1)."""
+    env = os.environ if environ is None else environ
+    given = env.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given), "OMP_NUM_THREADS"
+    cpus = usable_cpus()
+    return max(1, cpus // max(1, local_processes)), f"{cpus} usable CPUs / {max(1, local_processes)} process(es)"
+
+
+def set_cpu_threads(local_processes: int = 1) -> int:
+    """torch.set_num_threads(cpu_threads(...)); returns the number."""
+    import torch
+    n, _ = cpu_threads(local_processes)
+    torch.set_num_threads(n)
+    return n
+
+
+def local_world_size() -> int:
+    """Processes of this run on this machine (the launcher's LOCAL_WORLD_SIZE; 1 without one)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+# ------------------------------------------------------------------ DeepSpeed's first build
+def deepspeed_build_pending() -> Optional[str]:
+    """The name of the DeepSpeed op this run will compile at start-up, or None.
+
+    Only DeepSpeed on the CPU builds one: its CPU accelerator loads the shared-memory
+    communication op (deepspeed_shm_comm) when the communication backend starts. It is compiled
+    by torch.utils.cpp_extension into the torch extensions folder (TORCH_EXTENSIONS_DIR, default
+    ~/.cache/torch_extensions/<python>_<build>/) unless it was pre-built into the DeepSpeed wheel
+    (DS_BUILD_SHM_COMM=1) or an earlier run left the compiled library there."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return None
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+    except Exception:  # no DeepSpeed, or a layout this check does not know: say nothing
+        return None
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None  # DeepSpeed will not load it
+    if installed_ops.get(builder.NAME, False):
+        return None  # pre-built into the wheel
+    try:
+        folder = _get_build_directory(builder.NAME, verbose=False)
+    except Exception:
+        return builder.NAME
+    if os.path.isfile(os.path.join(folder, f"{builder.NAME}.so")):
+        return None
+    return builder.NAME
+
+
+def deepspeed_build_note() -> None:
+    """Print (reporting process only) that the first DeepSpeed CPU run compiles an op."""
+    name = deepspeed_build_pending()
+    if name and is_reporting_process():
+        print(f"note: DeepSpeed on CPU compiles its '{name}' extension now (first run on this machine; "
+              f"this can take minutes without output; later runs reuse it from the torch extensions folder, "
+              f"TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)", file=sys.stderr, flush=True)

@@ -1,0 +1,223 @@
+"""launch/train.py and launch/run.py: a user mistake reads as ONE `error:` line with exit code 2,
+printed once (rank 0), before and after the workers start, through a real `accelerate launch`
+on CPU processes; the run-folder, backbone, index and resume checks; CPU threads; the DeepSpeed
+build note (launch/runtime.py)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, tiny_config_dict
+
+LAUNCH = os.path.join(ROOT, "launch")
+sys.path.insert(0, LAUNCH)
+PY = sys.executable
+
+import runtime  # noqa: E402
+import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    from shards.digits import write_digits_shards
+    return write_digits_shards(str(tmp_path_factory.mktemp("digits") / "digits"))
+
+
+def write(tmp_path, index, name="cfg.json", **over) -> str:
+    raw = tiny_config_dict(index=index, **{"output_dir": str(tmp_path / "runs"), **over})
+    path = tmp_path / name
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
+def launch(args, via="run", nproc=2, timeout=300, cwd=ROOT, env=None):
+    """`python launch/run.py` (via='run') or `accelerate launch` (via='accelerate'), CPU config."""
+    from test_distributed import free_port
+    head = [PY, os.path.join(LAUNCH, "run.py")] if via == "run" else [PY, "-m", "accelerate.commands.launch"]
+    cmd = head + ["--config_file", os.path.join(LAUNCH, "accelerate_cpu.yaml"), "--num_processes", str(nproc),
+                  "--main_process_port", str(free_port()), os.path.join(LAUNCH, "train.py"), *args]
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    return r.returncode, r.stdout + r.stderr
+
+
+def error_lines(out: str) -> list:
+    """Every error line, rank 0's `error: ...` and another rank's `error (rank N): ...`."""
+    return [line for line in out.splitlines() if re.match(r"error( \(rank \d+\))?: ", line)]
+
+
+def assert_one_error(rc: int, out: str, *patterns: str) -> str:
+    errs = error_lines(out)
+    assert rc == 2 and len(errs) == 1 and "Traceback" not in out and "ChildFailedError" not in out, (rc, out)
+    for p in patterns:
+        assert p in errs[0], (p, errs[0])
+    return errs[0]
+
+
+# ------------------------------------------------------------------ checks before any worker starts
+def test_user_mistakes_before_the_workers_start_are_one_line(tmp_path, index):
+    """Each mistake through launch/run.py with 2 processes: one line, exit code 2, no traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases = [
+        (write(tmp_path, index, "c1.json", optim={"lr": -1.0}), [], ["'optim.lr'"]),
+        (write(tmp_path, index, "c2.json", output_dir=str(blocker / "runs")), [],
+         ["'output_dir'", "is a file, not a folder"]),
+        (write(tmp_path, str(tmp_path / "imagenet-r" / "index.json"), "c3.json"), [],
+         ["does not exist", "python -m shards.imagenet_r --src"]),
+        (write(tmp_path, index, "c4.json", cil={"num_classes": 20, "init_classes": 10, "increment": 10,
+                                                "num_tasks": 2}), [], ["'cil.num_classes' = 20", "10 classes"]),
+        (write(tmp_path, index, "c5.json", optim={"global_batch": 15}), [], ["'optim.global_batch'", "(2)"]),
+        (write(tmp_path, index, "c6.json"), ["--resume", str(tmp_path / "nope")], ["--resume", "no such checkpoint"]),
+        (str(tmp_path / "missing.json"), [], ["config file", "does not exist"]),
+    ]
+    for cfg, extra, patterns in cases:
+        rc, out = launch(["--config", cfg, *extra])
+        assert_one_error(rc, out, *patterns)
+        assert not os.path.exists(tmp_path / "runs" / "test" / "checkpoints")  # nothing ran
+
+
+def test_plain_accelerate_launch_prints_the_error_once(tmp_path, index):
+    """Without run.py the launcher adds its own report (and exits 1), but the workers print the
+    error once: rank 0 only."""
+    rc, out = launch(["--config", write(tmp_path, index, optim={"lr": -1.0})], via="accelerate")
+    assert rc != 0 and len(error_lines(out)) == 1, out
+
+
+def test_error_after_the_workers_started_is_one_line(tmp_path, index):
+    """A damaged shard passes the launcher's checks (checksums are the Trainer's) and stops both
+    workers after the process group exists: still one line and exit code 2."""
+    src = os.path.dirname(index)
+    copy = str(tmp_path / "digits")
+    shutil.copytree(src, copy)
+    shard = json.load(open(index))["splits"]["test"]["shards"][0]["path"]
+    with open(os.path.join(copy, shard), "r+b") as f:  # same size, other bytes
+        f.seek(600)
+        f.write(b"\x00\x01\x02\x03")
+    cfg = write(tmp_path, os.path.join(copy, "index.json"))
+    rc, out = launch(["--config", cfg])
+    assert_one_error(rc, out, "sha256", shard.split("/")[-1])
+
+
+def test_train_main_reports_on_local_rank_zero_only(tmp_path, index, capsys, monkeypatch):
+    cfg = write(tmp_path, index, optim={"lr": -1.0})
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert train.main(["--config", cfg]) == 2
+    assert error_lines(capsys.readouterr().err) == [error_lines_expected(cfg)]
+    # another rank waits for the launcher to stop it (rank 0 exits first), then speaks for itself
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(runtime, "ERROR_GRACE_S", 0.05)
+    assert train.main(["--config", cfg]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.splitlines() == [error_lines_expected(cfg).replace("error:", "error (rank 1):")]
+
+
+def error_lines_expected(cfg: str) -> str:
+    from sdlora_ds.config import load_config
+    try:
+        load_config(cfg)
+    except ValueError as e:
+        return f"error: {e}"
+    raise AssertionError("config should be invalid")
+
+
+# ------------------------------------------------------------------ individual checks
+def test_output_dir_checks(tmp_path, index):
+    from sdlora_ds.config import config_from_dict
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+
+    def cfg(**over):
+        return config_from_dict(tiny_config_dict(index=index, **over))
+    train.check_output_dir(cfg(output_dir=str(tmp_path / "new" / "deeper")))  # creatable: fine
+    assert not os.path.exists(tmp_path / "new")  # and nothing was created
+    with pytest.raises(ValueError, match=r"config field 'output_dir': .*file/sub.*is a file, not a folder"):
+        train.check_output_dir(cfg(output_dir=str(blocker / "sub")))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "test").write_text("x")
+    with pytest.raises(ValueError, match=r"config field 'name': the run folder .* is a file"):
+        train.check_output_dir(cfg(output_dir=str(tmp_path / "runs")))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_unwritable_output_dir(tmp_path, index):
+    from sdlora_ds.config import config_from_dict
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match=r"'output_dir'.*is not writable"):
+            train.check_output_dir(config_from_dict(tiny_config_dict(index=index, output_dir=str(ro / "runs"))))
+    finally:
+        ro.chmod(0o755)
+
+
+def test_missing_backbone_and_index_hints(tmp_path, index):
+    from sdlora_ds.config import config_from_dict
+    raw = tiny_config_dict(index=index, output_dir=str(tmp_path),
+                           backbone={"source": "pretrained", "path": "no/such/backbone"})
+    with pytest.raises(ValueError, match=r"'backbone.path': 'no/such/backbone' does not exist \(relative to"):
+        train.check(config_from_dict(raw), None)
+    # the hint names the converter of the configured dataset: from the index folder, else the run name
+    for path, name, want in [("data/imagenet-r/index.json", "x", "python -m shards.imagenet_r --src"),
+                             ("data/cifar-100/index.json", "x", "python -m shards.cifar100 --src"),
+                             ("data/mine/index.json", "imagenetr_b40", "python -m shards.imagenet_r"),
+                             ("data/mine/index.json", "demo_digits", "python -m shards.digits --out ")]:
+        raw = tiny_config_dict(index=str(tmp_path / path), name=name, output_dir=str(tmp_path))
+        with pytest.raises(ValueError, match="does not exist") as e:
+            train.check(config_from_dict(raw), None)
+        assert want in str(e.value), str(e.value)
+        assert name == "demo_digits" or "shards.digits" not in str(e.value), str(e.value)
+
+
+# ------------------------------------------------------------------ threads and the DeepSpeed note
+def test_cpu_threads():
+    assert runtime.cpu_threads(1, {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
+    cpus = runtime.usable_cpus()
+    assert 1 <= cpus <= (os.cpu_count() or 1)
+    assert runtime.cpu_threads(1, {})[0] == cpus
+    assert runtime.cpu_threads(2, {})[0] == max(1, cpus // 2)
+    assert runtime.cpu_threads(1000, {})[0] == 1
+    assert runtime.cpu_threads(1, {"OMP_NUM_THREADS": "junk"})[0] == cpus
+
+
+def test_run_py_gives_each_process_a_share_of_the_cpus(tmp_path):
+    """The threads a worker sees: OMP_NUM_THREADS from run.py = usable CPUs / processes (accelerate
+    alone would give 1), or the user's own OMP_NUM_THREADS."""
+    script = tmp_path / "show.py"
+    script.write_text("import os, torch\nprint('threads', os.environ.get('LOCAL_RANK'), "
+                      "os.environ['OMP_NUM_THREADS'], torch.get_num_threads())\n")
+    from test_distributed import free_port
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    base = [PY, os.path.join(LAUNCH, "run.py"), "--config_file", os.path.join(LAUNCH, "accelerate_cpu.yaml"),
+            "--num_processes", "1", "--main_process_port", str(free_port()), str(script)]
+    out = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120).stdout
+    n = runtime.usable_cpus()
+    assert f"threads 0 {n} {n}" in out, out
+    out = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"},
+                         timeout=120).stdout
+    assert "threads 0 1 1" in out, out
+
+
+def test_deepspeed_build_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert runtime.deepspeed_build_pending() is None  # no DeepSpeed: nothing to build
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    name = runtime.deepspeed_build_pending()
+    if name is None:
+        pytest.skip("this DeepSpeed build loads no CPU op at start-up (pre-built or not compatible)")
+    assert name == "deepspeed_shm_comm"
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    runtime.deepspeed_build_note()
+    assert "compiles its 'deepspeed_shm_comm' extension" in capsys.readouterr().err
+    (tmp_path / name).mkdir(exist_ok=True)
+    (tmp_path / name / f"{name}.so").write_bytes(b"")  # what the first build leaves
+    assert runtime.deepspeed_build_pending() is None
+    runtime.deepspeed_build_note()
+    assert capsys.readouterr().err == ""
