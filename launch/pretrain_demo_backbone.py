@@ -3,6 +3,7 @@
 The demo stands in for ImageNet-pretrained ViT-B/16: this script trains a small ViT on a split of the
 digits that is disjoint from the continual-learning train and test splits, then saves it with
 `save_pretrained` so that the demo config loads it through the same local-folder path as real weights.
+It uses this machine's usable CPUs as threads (OMP_NUM_THREADS overrides; launch/runtime.py).
 
     python launch/pretrain_demo_backbone.py --config configs/demo_digits.json
 """
@@ -13,6 +14,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import runtime  # noqa: E402  (launch/runtime.py)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -35,10 +37,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    cfg = load_config(args.config)
+    try:
+        cfg = load_config(args.config)
+        index = ShardIndex.load(cfg.data.index, clues=[cfg.name])
+    except ValueError as e:
+        return runtime.report_error(e)
     out = cfg.backbone.path
+    threads = runtime.set_cpu_threads(1)  # one process: this machine's usable CPUs, or OMP_NUM_THREADS
     torch.manual_seed(args.seed)
-    index = ShardIndex.load(cfg.data.index)
     if args.split not in index.splits:
         print(f"error: index {cfg.data.index} has no split {args.split!r} (has {index.splits}); "
               "rebuild it with `python -m shards.digits`", file=sys.stderr)
@@ -54,7 +60,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     classes = list(range(index.num_classes))
     start = time.time()
-    bar = tqdm(range(args.epochs), desc="pretraining demo backbone")
+    bar = tqdm(range(args.epochs), desc=f"pretraining demo backbone ({threads} threads)")
     for epoch in bar:
         loader = build_loader(index, cfg.data, split=args.split, class_ids=classes, train=True,
                               batch_size=args.batch, rank=0, world_size=1, seed=args.seed, epoch=epoch)

@@ -221,3 +221,25 @@ def test_deepspeed_build_note(tmp_path, monkeypatch, capsys):
     assert runtime.deepspeed_build_pending() is None
     runtime.deepspeed_build_note()
     assert capsys.readouterr().err == ""
+
+
+def test_pretrain_demo_backbone_threads_and_errors(tmp_path, index, monkeypatch, capsys):
+    import torch
+    import pretrain_demo_backbone
+    raw = tiny_config_dict(index=index, backbone={"source": "pretrained", "path": str(tmp_path / "bb")})
+    (tmp_path / "pre.json").write_text(json.dumps(raw))
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        assert pretrain_demo_backbone.main(["--config", str(tmp_path / "pre.json"), "--hidden", "16", "--layers",
+                                            "1", "--heads", "2", "--epochs", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    raw["data"]["index"] = str(tmp_path / "imagenet-r" / "index.json")
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert pretrain_demo_backbone.main(["--config", str(tmp_path / "bad.json")]) == 2
+    errs = error_lines(capsys.readouterr().err)
+    assert len(errs) == 1 and "python -m shards.imagenet_r" in errs[0], errs
