@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from sdlora_ds import metrics as M
+from sdlora_ds.logger import flatten
 
 METRICS = (("avg_acc", "Avg Acc"), ("last_acc", "Last Acc"), ("forgetting", "forgetting"), ("bwt", "BWT"))
 # Config fields that may differ between the seeds of one group: seeds, names, and paths or
@@ -133,17 +134,6 @@ def load_run(path: str) -> Run:
                train_seconds=float(sum(res.get("task_seconds") or [0.0])), dataset=str(res.get("dataset", "?")))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def group_runs(runs: Sequence[Run], labels: Optional[dict] = None) -> list[Group]:
     """Groups in first-seen order, joint (upper-bound) groups last; refuses mixed settings or a seed
     twice within a group."""
@@ -159,9 +149,9 @@ def group_runs(runs: Sequence[Run], labels: Optional[dict] = None) -> list[Group
                 raise ValueError(f"group {name!r} has two runs with seed {r.seed}: {seen[r.seed]} and {r.path}; "
                                  f"pass each run once")
             seen[r.seed] = r.path
-        ref = _flat(rs[0].config)
+        ref = flatten(rs[0].config)
         for r in rs[1:]:
-            other = _flat(r.config)
+            other = flatten(r.config)
             for k in sorted(set(ref) & set(other)):
                 if k not in IGNORED_FIELDS and ref[k] != other[k]:
                     raise ValueError(f"group {name!r}: {rs[0].path} and {r.path} differ in config field {k!r} "
