@@ -210,6 +210,10 @@ class DataConfig:
     """Corrupt or unreadable samples tolerated before the run stops with a report."""
     verify_checksums: bool = True
     """Check every shard's sha256 against the index before training."""
+    decode: str = "cpu"
+    """Where images are decoded and augmented: 'cpu' (DataLoader workers; JPEGs at reduced DCT scale
+    when the crop allows it), 'cuda' (workers read bytes; nvjpeg decode + augmentation on the GPU;
+    needs CUDA, no fallback), 'reference' (full decode + the plain torchvision v2 pipeline)."""
 
     def validate(self, p: str) -> None:
         if not self.index:
@@ -235,6 +239,8 @@ class DataConfig:
             _fail(f"{p}.shuffle_buffer", self.shuffle_buffer, "must be >= 1")
         if self.bad_sample_tolerance < 0:
             _fail(f"{p}.bad_sample_tolerance", self.bad_sample_tolerance, "must be >= 0")
+        if self.decode not in ("cpu", "cuda", "reference"):
+            _fail(f"{p}.decode", self.decode, "allowed: 'cpu', 'cuda', 'reference'")
 
 
 @dataclass
