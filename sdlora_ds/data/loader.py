@@ -55,7 +55,6 @@ classes); asked for another, it is refilled.
 """
 from __future__ import annotations
 
-import io
 import math
 import sys
 from typing import Callable, Iterator, Optional, Sequence
@@ -64,6 +63,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from sdlora_ds.data.decode import require_cuda, wrap_for_device
 from sdlora_ds.data.index import ShardIndex
 from sdlora_ds.data.reader import BadDataError, BadCounter, SampleRec, scan_shard, ShardRef
 from sdlora_ds.data.transforms import build_transform
@@ -244,15 +244,14 @@ class _TaskStream(IterableDataset):
                     yield pos_of[(si, rec.k)], rec
 
     def _decode(self, rec: SampleRec, bad: "BadCounter") -> Optional[torch.Tensor]:
-        from PIL import Image
         if rec.bad is not None:
             if not rec.key.startswith("<missing"):  # missing ones were reported by the scan
                 bad.add(self.shards[rec.shard].path, rec.key, rec.bad)
             return None
         try:
-            with Image.open(io.BytesIO(rec.data)) as img:
-                img.load()
-                return self.transform(img)  # float32 (3, S, S)
+            # float32 (3, S, S); the transform decodes the bytes itself (JPEGs at reduced scale when
+            # the crop allows it: sdlora_ds/data/transforms.py)
+            return self.transform(rec.data)
         except Exception as e:  # PIL raises many types for corrupt data; name the sample instead
             bad.add(self.shards[rec.shard].path, rec.key, f"image does not decode: {type(e).__name__}: {e}")
             return None
@@ -279,7 +278,8 @@ class _TaskStream(IterableDataset):
         good = [(x, y) for x, y in zip(imgs, labels) if y >= 0]
         if good:
             last_good = good[-1]
-        return torch.stack(imgs), torch.tensor(labels, dtype=torch.int64), last_good
+        collate = getattr(self.transform, "collate", torch.stack)  # data.decode 'cuda': encoded samples
+        return collate(imgs), torch.tensor(labels, dtype=torch.int64), last_good
 
     def _substitute(self, imgs, labels, last_good, recs) -> None:
         """Fill tolerated bad slots: eval -> label -1 padding; train -> a copy of a good sample."""
@@ -318,6 +318,8 @@ def build_loader(index: ShardIndex, cfg, *, split: str, class_ids: Sequence[int]
     cfg: sdlora_ds.config.DataConfig. len(loader) is exact and equal on every rank. `cache`: a
     TaskCache kept by the caller across the epochs of one task; when None and cfg.cache_task is set,
     training streams use a module-level cache per (index, split), refilled when the task changes."""
+    if cfg.decode == "cuda":
+        require_cuda()  # before any work: no silent CPU fallback
     if cache is None and cfg.cache_task and train:
         cache = _DEFAULT_CACHES.setdefault((index.path, split), TaskCache())
     ds = _TaskStream(index, cfg, split, class_ids, train, batch_size, rank, world_size, seed, epoch, cache,
@@ -330,6 +332,7 @@ def build_loader(index: ShardIndex, cfg, *, split: str, class_ids: Sequence[int]
     # re-importing torch, and workers share the TaskCache pages instead of unpickling a copy.
     # Workers never touch CUDA, so forking a CUDA parent is safe.
     ctx = "fork" if nw > 0 and sys.platform.startswith("linux") else None
-    return DataLoader(ds, batch_size=None, num_workers=nw, persistent_workers=False, generator=gen,
-                      multiprocessing_context=ctx, pin_memory=torch.cuda.is_available(),
-                      prefetch_factor=2 if nw > 0 else None)
+    loader = DataLoader(ds, batch_size=None, num_workers=nw, persistent_workers=False, generator=gen,
+                        multiprocessing_context=ctx, pin_memory=torch.cuda.is_available(),
+                        prefetch_factor=2 if nw > 0 else None)
+    return wrap_for_device(loader, cfg, train)  # data.decode 'cuda': decoded + augmented on the GPU
