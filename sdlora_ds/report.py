@@ -82,13 +82,22 @@ def find_results(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
             found.append(p)
         elif os.path.isdir(p):
             found += sorted(glob.glob(os.path.join(p, "**", "results.json"), recursive=True))
-            unfinished += sorted(os.path.dirname(c) for c in glob.glob(os.path.join(p, "**", "config.json"),
-                                                                        recursive=True)
-                                 if not os.path.isfile(os.path.join(os.path.dirname(c), "results.json")))
+            unfinished += _unfinished(p)
         else:
             raise ValueError(f"--runs {p!r}: no such file or folder; pass run folders, sweep folders or "
                              f"results.json files")
     return sorted(set(found)), unfinished
+
+
+def _unfinished(root: str) -> list[str]:
+    """Run folders under root (a config.json the trainer wrote) without results.json. Folders inside a
+    run folder that hold a config.json of their own (checkpoints, the final model) are not runs."""
+    def holding(name: str) -> set:
+        return {os.path.dirname(c) for c in glob.glob(os.path.join(root, "**", name), recursive=True)}
+    dirs = holding("config.json")
+    owners = dirs | holding("results.json")
+    runs = [d for d in dirs if not any(d.startswith(o + os.sep) for o in owners)]
+    return sorted(d for d in runs if not os.path.isfile(os.path.join(d, "results.json")))
 
 
 def group_name(config: dict) -> str:

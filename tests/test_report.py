@@ -52,8 +52,9 @@ def make_sweep(folder) -> str:
     joint = {"num_classes": 6, "init_classes": 6, "increment": 0, "num_tasks": 1}
     for seed, v in ((1993, 85), (1994, 87)):
         write_results(folder, "joint", "sdlora", seed, [[v]], [v], cil=joint)
-    os.makedirs(os.path.join(folder, "sdl__s1996"))  # an unfinished run: config.json, no results.json
-    open(os.path.join(folder, "sdl__s1996", "config.json"), "w").write("{}")
+    for run in ("sdl__s1996", "sdl__s1996/checkpoints/step-00000004", "sdl__s1993/checkpoints/step-00000008"):
+        os.makedirs(os.path.join(folder, run), exist_ok=True)  # s1996: unfinished (config.json, no results)
+        open(os.path.join(folder, run, "config.json"), "w").write("{}")  # checkpoints have one too: not runs
     return str(folder)
 
 
@@ -75,6 +76,7 @@ def test_table_matches_hand_computation(report):
             "0.00 ± 0.00 | upper bound (not ranked) | upper bound (not ranked) |") in md
     assert md.index("`sdl`") < md.index("`seq`") < md.index("`joint`")  # input order, the upper bound last
     assert "sdl__s1996" in md and "Skipped 1 run folder" in md  # unfinished run named, not averaged
+    assert "checkpoints" not in md
     s = json.load(open(written["summary"]))
     g = {x["name"]: x for x in s["groups"]}
     assert g["sdl"]["acc_all_mean"] == pytest.approx([90, 76, 52])
