@@ -236,7 +236,8 @@ def _gap_cell(c: dict) -> str:
 
 def _setting(cfg: dict) -> str:
     o, cil = cfg["optim"], cfg["cil"]
-    return (f"{cil['num_tasks']} task{'s' if cil['num_tasks'] != 1 else ''} ({cil['init_classes']}+{cil['increment']}), {o['epochs']} epochs/task, "
+    tasks = f"{cil['num_tasks']} task{'s' if cil['num_tasks'] != 1 else ''}"
+    return (f"{tasks} ({cil['init_classes']}+{cil['increment']}), {o['epochs']} epochs/task, "
             f"batch {o['global_batch']}, lr {o['lr']}, rank {cfg['adapter']['rank']}")
 
 

@@ -98,7 +98,8 @@ def test_finds_the_installed_package_without_importing_it(site, tmp_path):
 
 def test_missing_package_and_files(tmp_path, monkeypatch, capsys):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "animal_mnist" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "animal_mnist" else real(name, *a))
     with pytest.raises(SystemExit) as e:
         animal_mnist.main(["--out", str(tmp_path / "o")])
     assert e.value.code == 2

@@ -13,10 +13,11 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 import sweep  # noqa: E402  (launch/sweep.py)
 
-CONFIGS = [os.path.join(ROOT, "configs", "demo_digits.json"), os.path.join(ROOT, "configs", "demo_digits_seq_lora.json")]
+CONFIGS = [os.path.join(ROOT, "configs", f"{name}.json") for name in ("demo_digits", "demo_digits_seq_lora")]
 
 FAKE = textwrap.dedent('''
-    """Stands in for `accelerate launch ... launch/train.py`: argv = [train.py, --config, C, --set ..., --resume auto]."""
+    """Stands in for `accelerate launch ... launch/train.py`.
+    argv: [train.py, --config, C, --set ..., --resume auto]."""
     import json, os, sys
     sys.path.insert(0, {root!r})
     from sdlora_ds import metrics
