@@ -181,3 +181,18 @@ def test_corrupt_bytes_raise():
     for bad in (good[:200], b"\xff\xd8 not a jpeg", b"nothing"):
         with pytest.raises(Exception):
             build_transform(cfg, True)(bad)
+
+
+def test_jpeg_size_from_frame_header():
+    from sdlora_ds.data.transforms import jpeg_size
+    img = rgb(123, 45)
+    exif = Image.Exif()
+    exif[0x0112] = 1  # an APP1 segment before the frame header
+    for kw in ({}, {"progressive": True}, {"exif": exif, "icc_profile": b"\0" * 3000}, {"quality": 50, "subsampling": 0}):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", **kw)
+        assert jpeg_size(buf.getvalue()) == (123, 45), kw
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    assert jpeg_size(png.getvalue()) is None and jpeg_size(b"\xff\xd8\xff") is None
+    assert jpeg_size(b"\xff\xd8" + b"\x00" * 20) is None  # not a marker where one must be

@@ -148,16 +148,19 @@ class FastTransform:
         from PIL import Image
         if isinstance(src, (bytes, bytearray, memoryview)):
             data = bytes(src)
-            img = Image.open(io.BytesIO(data))  # reads the header only
+            size = jpeg_size(data)
+            if size is not None:  # a JPEG: its size from the frame header, no PIL parse yet
+                plan = self.plan(*size)
+                k = plan.draft_scale() if self.draft else 1
+                if k == 1:
+                    return self.finish(_decode_jpeg_region(data, plan), plan)
+                return self.finish(_pil_region(Image.open(io.BytesIO(data)), plan, k), plan)
+            img = Image.open(io.BytesIO(data))  # other formats: reads the header only
         else:
-            data, img = None, src
+            img = src
         plan = self.plan(*img.size)
-        k = plan.draft_scale() if self.draft else 1
-        if data is not None and img.format == "JPEG" and k == 1:
-            x = _decode_jpeg_region(data, plan)
-        else:
-            x = _pil_region(img, plan, k if img.format == "JPEG" else 1)
-        return self.finish(x, plan)
+        k = plan.draft_scale() if self.draft and img.format == "JPEG" else 1
+        return self.finish(_pil_region(img, plan, k), plan)
 
     def finish(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
         """uint8 (C, h, w) region (C = 1 or 3) -> float32 (3, S, S): resample, crop, flip, scale."""
@@ -169,10 +172,38 @@ class FastTransform:
             x = x.flip(-1)
         if x.shape[0] == 1:
             x = x.expand(3, s, s)
-        x = x.to(torch.float32).div_(255.0)
+        x = x.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
         if self.normalize is not None:
             x = self.normalize(x)
-        return x.contiguous()
+        return x
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(data: bytes):
+    """(width, height) from a JPEG's frame header (SOFn marker), or None when data is not a JPEG
+    or the header is not where the JPEG syntax puts it (the caller then asks PIL)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return (w, h) if w > 0 and h > 0 else None
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
 
 
 def _decode_jpeg_region(data: bytes, plan: Plan) -> torch.Tensor:
