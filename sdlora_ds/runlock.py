@@ -68,6 +68,7 @@ class RunLock:
         self.run_dir, self.path = run_dir, os.path.join(run_dir, LOCK_NAME)
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         self.info: Optional[dict] = None
+        self._created_dir = False
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._old_sigterm = None
@@ -75,6 +76,7 @@ class RunLock:
     # ------------------------------------------------------------------ taking it
     def acquire(self) -> list:
         """Take the lock; returns notes to print (a stale lock taken over). RunLockError if held."""
+        self._created_dir = not os.path.exists(self.run_dir)  # removed again on release if left empty
         os.makedirs(self.run_dir, exist_ok=True)
         notes = []
         me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
@@ -199,6 +201,11 @@ class RunLock:
             pass
         self.info = None
         _held.discard(self)
+        if self._created_dir:
+            try:
+                os.rmdir(self.run_dir)  # only if empty: a run stopped before writing anything leaves no folder
+            except OSError:
+                pass
         if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._old_sigterm)
             self._old_sigterm = None

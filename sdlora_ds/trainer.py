@@ -58,6 +58,20 @@ class Trainer:
         self.deepspeed, self.stage = uses_deepspeed(self.acc), zero_stage(self.acc)
         self.micro, self.accum = cfg.optim.batch_plan(self.world)  # ConfigError before any work
         configure_deepspeed_batch(self.acc, self.micro, self.accum)
+        self.run_dir = cfg.run_dir
+        if under_launcher():  # a launcher SIGKILLed (with its process group) must not leave orphans training
+            self.parent_watch = ParentWatch(self.rank, self.world).start()
+        try:
+            self.lock = self._take_lock()  # before any work: a second trainer on this folder stops at once
+            self._build()
+            self._open_run(resume, fresh_if_damaged)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        """The schedule, the data index, the model and the loop's state at its start."""
+        cfg = self.cfg
         self.schedule = TaskSchedule.from_config(cfg.cil)
         # Bad inputs fail here, before the model is built or any training starts.
         self.index = ShardIndex.load(cfg.data.index, verify_checksums=cfg.data.verify_checksums)
@@ -69,7 +83,6 @@ class Trainer:
         self.fingerprint = S.backbone_fingerprint(self.model)
         self.lut = self.schedule.position_lookup(cfg.cil.num_classes)  # class id -> head row
         self.task_of_pos = self.schedule.task_of_position()
-        self.run_dir = cfg.run_dir
         self.global_step = 0
         self.position = (0, 0, 0)  # (task, epoch, step in epoch) of the next optimizer step
         self.acc_matrix: list = []  # acc[t][j], percent
@@ -81,14 +94,6 @@ class Trainer:
         self.pending_engine_state: Optional[str] = None  # mid-task resume: checkpoint to load after prepare
         self.topologies: list = []  # one S.topology() per launch segment of the run
         self.ckpt = Checkpoints(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints, self.acc)
-        if under_launcher():  # a launcher SIGKILLed (with its process group) must not leave orphans training
-            self.parent_watch = ParentWatch(self.rank, self.world).start()
-        self.lock = self._take_lock()
-        try:
-            self._open_run(resume, fresh_if_damaged)
-        except BaseException:
-            self.close()
-            raise
 
     def _take_lock(self) -> Optional[RunLock]:
         """Global rank 0 locks the run folder (multi-node runs share output_dir); every rank learns

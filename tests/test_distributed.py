@@ -126,11 +126,20 @@ def results(out: str) -> dict:
 
 
 def same_run(a: dict) -> dict:
-    """results.json without wall-clock times and the output folder (they differ between two runs)."""
+    """results.json without wall-clock times, the output folder and the launch segments (they differ
+    between two runs; a resumed run has one segment more)."""
     a = json.loads(json.dumps(a))
     a.pop("task_seconds")
+    a.pop("topologies")
     a["config"].pop("output_dir")
     return a
+
+
+def run_logs(out: str) -> tuple:
+    """(TensorBoard as EventAccumulator reads it back, metrics.jsonl lines) of the run in `out`."""
+    from sdlora_ds.logger import read_back
+    with open(os.path.join(out, "demo", "metrics.jsonl")) as f:
+        return read_back(os.path.join(out, "demo", "tensorboard")), f.read().splitlines()
 
 
 def assert_agree(ref: dict, got: dict, what: str) -> None:
@@ -224,10 +233,16 @@ def test_sigkill_and_resume_one_process_is_bitwise(demo, runs):
     assert run(command("cpu", 1, cfg, "--resume", "auto"), log) == 0, tail(log)
     assert "resumed from" in open(log + ".out").read(), f"killed after step {step} (seed {seed}): nothing resumed"
     got, ref = results(out), runs("one")
-    assert same_run(got) == same_run(ref), f"killed after step {step} (seed {seed})"
-    from sdlora_ds.logger import read_scalars  # logs continue where the checkpoint was: no step twice
-    losses = read_scalars(os.path.join(out, "demo", "tensorboard"))["train/loss"]
-    assert [s for s, _ in losses] == [s for s, _ in got["loss_log"]]
+    what = f"killed after step {step} (seed {seed})"
+    assert same_run(got) == same_run(ref), what
+    assert len(got["topologies"]) == 2 and got["topologies"][1]["from_global_step"] < step, what
+    # the logs continue where the checkpoint was: TensorBoard and metrics.jsonl equal the
+    # uninterrupted run's point for point (eval points by task, the matrix image, final metrics, hparams)
+    (tb, jsonl), (ref_tb, ref_jsonl) = run_logs(out), run_logs(str(runs.root / "one"))
+    assert jsonl == ref_jsonl, what
+    assert tb["tags"] == ref_tb["tags"], what
+    for kind in ("scalars", "images", "tensors"):
+        assert tb[kind] == ref_tb[kind], (kind, what)
 
 
 def test_sigkill_and_resume_two_processes_zero3(demo, runs):
@@ -247,6 +262,9 @@ def test_sigkill_and_resume_two_processes_zero3(demo, runs):
     got, ref = results(out), runs("zero3")
     assert_agree(ref, got, f"ZeRO-3 killed after step {step} (seed {seed})")
     assert got["acc_matrix"] == ref["acc_matrix"]
+    (tb, jsonl), (ref_tb, ref_jsonl) = run_logs(out), run_logs(str(runs.root / "zero3"))
+    assert tb["tags"] == ref_tb["tags"]  # the same points in the same order, none twice
+    assert [json.loads(x)["step"] for x in jsonl] == [json.loads(x)["step"] for x in ref_jsonl]
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", pytest.param("SIGSTOP", marks=pytest.mark.slow)])
@@ -303,6 +321,8 @@ def test_resume_on_another_world_size(demo, runs):
     assert "written by 1 process(es), resumed by 2" in text and "task 1, epoch 0, step 2" in text, text[-2000:]
     got = results(out)
     assert (got["world_size"], got["micro_batch"], got["grad_accum"]) == (2, 4, 2)
+    assert [(t["world_size"], t["micro_batch"], t["grad_accum"], t["from_global_step"]) for t in got["topologies"]] \
+        == [(1, 4, 4, 0), (2, 4, 2, 8)]  # every launch segment, not only the last
     assert_agree(ref, got, "resumed on 2 processes")
 
 
@@ -327,3 +347,119 @@ def test_deepspeed_gets_the_batch_plan_or_the_run_is_refused():
     with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=16 .*micro_batch 8 x grad_accum 4 x "
                                           r"world size 4 = global batch 128.*\"auto\""):
         configure_deepspeed_batch(accelerator({"train_micro_batch_size_per_gpu": 16}), 8, 4)
+
+
+# ---------------------------------------------------------------------- orphans and a dead store
+WATCHED_CHILD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from sdlora_ds.distributed import ParentWatch
+ParentWatch(0, 1, interval=0.1).start()
+open({ready!r}, "w").write("1")
+time.sleep(120)
+"""
+
+LAUNCHER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", {child!r}], start_new_session=True, stderr=open({err!r}, "w"))
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def gone(pid: int, timeout: float) -> bool:
+    """True once `pid` has exited (a zombie waiting for a reaper counts) within `timeout` seconds."""
+    import psutil
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_parent_watch_stops_a_worker_whose_launcher_was_sigkilled(tmp_path):
+    """A launcher whose worker runs in its own session (as torchrun starts them): SIGKILL of the
+    launcher's process group does not reach the worker; its ParentWatch must stop it, saying why."""
+    ready, err = str(tmp_path / "ready"), str(tmp_path / "child.err")
+    child = WATCHED_CHILD.format(root=ROOT, ready=ready)
+    launcher = subprocess.Popen([PY, "-c", LAUNCHER.format(child=child, err=err)], stdout=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    worker = int(launcher.stdout.readline())
+    try:
+        end = time.time() + 30
+        while not os.path.exists(ready):
+            assert time.time() < end, open(err).read()
+            time.sleep(0.05)
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=30)
+        assert gone(worker, 10), "the worker trains on without its launcher"
+        assert f"its launcher (parent process {launcher.pid}) is gone" in open(err).read()
+    finally:
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_the_watchdog_reports_a_dead_store_instead_of_going_quiet(tmp_path):
+    """The rendezvous store (hosted by the main node's launcher) dies: the heartbeat thread must stop
+    the rank with a message naming the store, not end silently and leave it unwatched."""
+    port = free_port()
+    store = subprocess.Popen([PY, "-c", "import sys, time, datetime, torch.distributed as d; "
+                              "s = d.TCPStore('127.0.0.1', int(sys.argv[1]), is_master=True, wait_for_workers=False,"
+                              " timeout=datetime.timedelta(seconds=5)); print('up', flush=True); time.sleep(120)",
+                              str(port)], stdout=subprocess.PIPE, text=True)
+    assert store.stdout.readline().strip() == "up"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    watcher = subprocess.Popen([PY, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); "
+                                "from sdlora_ds.distributed import PeerMonitor; "
+                                "m = PeerMonitor(1, 2, interval=0.2, timeout=600); assert m.store is not None; m.start(); "
+                                "print('watching', flush=True); time.sleep(120)"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert watcher.stdout.readline().strip() == "watching", watcher.stderr.read()
+        store.kill()
+        store.wait(timeout=30)
+        rc = watcher.wait(timeout=60)
+        err = watcher.stderr.read()
+        assert rc == 3, err
+        assert f"rank 1 of 2 stops: the launcher's rendezvous store at 127.0.0.1:{port} is unreachable" in err, err
+    finally:
+        for p in (store, watcher):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_sigkill_of_the_launchers_process_group_stops_the_trainers(demo):
+    """The real tree: accelerate launch -> torchrun agent -> 2 workers in their own sessions. A
+    SIGKILL of the launcher's process group must stop both workers (ParentWatch), and rank 0
+    releases the run folder's lock on its way out."""
+    import psutil
+    out = str(demo[2] / "orphans")
+    cfg = write_config(demo, out, optim={"micro_batch": 8, "max_steps_per_epoch": 200, "epochs": 5})
+    log = os.path.join(str(demo[2]), "orphans")
+    launcher = subprocess.Popen(command("cpu", 2, cfg), cwd=ROOT, stdout=open(log + ".out", "w"),
+                                stderr=open(log + ".err", "w"), start_new_session=True)
+    try:
+        wait_for_steps(os.path.join(out, "demo"), 2, launcher, log)
+        workers = [p.pid for p in psutil.Process(launcher.pid).children(recursive=True)
+                   if "train.py" in " ".join(p.cmdline())]
+        assert len(workers) == 2, tail(log)
+        assert os.path.exists(os.path.join(out, "demo", "run.lock"))
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=30)
+        assert all(gone(pid, 20) for pid in workers), f"trainers left training\n{tail(log)}"
+    finally:
+        for pid in locals().get("workers", []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    err = open(log + ".err").read()
+    assert "its launcher (parent process" in err, err[-3000:]
+    assert not os.path.exists(os.path.join(out, "demo", "run.lock"))

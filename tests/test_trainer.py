@@ -59,12 +59,48 @@ def check_results(run_dir, num_tasks=2):
     return res
 
 
+# The config's architecture fields at their defaults (ViT-B): a pretrained backbone ignores them.
+DEFAULT_ARCH = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_size": 3072, "patch_size": 16,
+                "image_size": 224}
+
+
+def hparams_of(tb_dir) -> dict:
+    """The hparams the run logged (the hparams plugin's session-start summary)."""
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from sdlora_ds.logger import raw_events
+    for data, header in raw_events(tb_dir):
+        for v in event_pb2.Event.FromString(data).summary.value:
+            if v.tag == "_hparams_/session_start_info":
+                info = plugin_data_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content)
+                return {k: getattr(h, h.WhichOneof("kind")) for k, h in info.session_start_info.hparams.items()}
+    raise AssertionError("no hparams logged")
+
+
 def test_in_process_run_learns(digits, tmp_path):
+    from sdlora_ds.config import load_config
     from sdlora_ds.trainer import Trainer
-    cfg = config_from_dict(reduced(digits, tmp_path, "inproc"))
-    res = Trainer(cfg).run()
-    disk = check_results(os.path.join(tmp_path, "inproc"))
+    from transformers import ViTModel
+    raw = reduced(digits, tmp_path, "inproc")
+    raw["backbone"].update(DEFAULT_ARCH)
+    res = Trainer(config_from_dict(raw)).run()
+    run_dir = os.path.join(tmp_path, "inproc")
+    disk = check_results(run_dir)
     assert disk["acc_matrix"] == res["acc_matrix"]
+    # results.json, config.json and hparams name the backbone the run loaded, not the unused defaults
+    loaded = ViTModel.from_pretrained(digits[1], add_pooling_layer=False)
+    b = disk["backbone"]
+    assert (b["arch"], b["hidden_size"], b["num_layers"], b["num_heads"], b["patch_size"], b["mlp_size"]) == \
+        ("vit", 32, 2, 4, 8, 64)
+    assert b["num_parameters"] == sum(p.numel() for p in loaded.parameters()) and b["path"] == digits[1]
+    for section in (disk["config"]["backbone"], json.load(open(os.path.join(run_dir, "config.json")))["backbone"]):
+        assert (section["hidden_size"], section["num_layers"], section["num_heads"], section["patch_size"],
+                section["image_size"]) == (32, 2, 4, 8, 32)
+    assert load_config(os.path.join(run_dir, "config.json")).backbone.hidden_size == 32  # export reloads it
+    hp = hparams_of(os.path.join(run_dir, "tensorboard"))
+    assert (hp["backbone.hidden_size"], hp["backbone.num_layers"], hp["backbone.num_parameters"]) == \
+        (32, 2, b["num_parameters"])
+    assert not os.path.exists(os.path.join(run_dir, "run.lock"))  # released at the end
     # 5 classes on a (weakly) pretrained tiny ViT in 2 epochs: far above the 20% chance level
     assert res["acc_matrix"][0][0] > 50.0
     losses = [loss for _, loss in res["loss_log"]]
@@ -102,6 +138,32 @@ def test_accelerate_launch_1_and_2_processes_agree(digits, tmp_path):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-3, abs=1e-4)
     for r1, r2 in zip(one["acc_matrix"], two["acc_matrix"]):
         assert r1 == pytest.approx(r2, abs=0.7)
+
+
+def test_a_second_trainer_on_the_same_folder_stops_naming_the_holder(digits, tmp_path, capsys):
+    """One line, exit status 2, the holder's pid and host; the first run's folder is untouched."""
+    import socket
+    import train
+    from sdlora_ds.runlock import RunLock
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(reduced(digits, tmp_path, "busy")))
+    hold = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); "
+                             f"from sdlora_ds.runlock import RunLock; RunLock({str(tmp_path / 'busy')!r}).acquire(); "
+                             f"print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert hold.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert train.main(["--config", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err, err
+        assert f"in use by another trainer: pid {hold.pid} on host '{socket.gethostname()}'" in err, err
+        assert os.listdir(tmp_path / "busy") == ["run.lock"]
+    finally:
+        hold.kill()
+        hold.wait()
+    lock = RunLock(str(tmp_path / "busy"))  # its holder SIGKILLed: stale, taken over
+    assert "is gone" in lock.acquire()[0]
+    lock.release()
 
 
 @pytest.mark.parametrize("over,needle", [
