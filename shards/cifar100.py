@@ -2,10 +2,11 @@
 
     python -m shards.cifar100 --src cifar-100-python --out data/cifar100 [--workers 4]
 
-Splits "train" (50,000) and "test" (10,000) as released (split_info: "pre-split", with the sha256 of
-each pickle). Class id = fine label; class names from meta's fine_label_names. Each image is a
+Splits "train" (50,000) and "test" (10,000) as released (split_info: "pre-split", with the sha256
+of each pickle). Class id = fine label; class names from meta's fine_label_names. Each image is a
 32x32 RGB PNG (lossless; the transform upscales to 224). Keys: f"{split}_{label:04d}_{position in
-the pickle:05d}".
+the pickle:05d}". A missing or damaged pickle stops with one line naming it (exit code 2); the
+images are arrays inside the pickles, so there is no per-image failure (and no --skip-bad).
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 
 import numpy as np
 
-from shards.writer import SampleSpec, finish_conversion, sha256_file
+from shards.writer import SampleSpec, finish_conversion, run_cli, sha256_file
 
 DEFAULT_MAX_PER_SHARD = 500  # 500 train images per class -> one class per shard; test: 5 classes
 
@@ -81,15 +83,15 @@ def convert_cifar100(src: str, out: str, *, workers: int = 1, max_per_shard: int
                              max_per_shard=max_per_shard, workers=workers, progress=progress)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", required=True, help="extracted cifar-100-python folder")
     ap.add_argument("--out", required=True, help="output folder (shards + index.json)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--max-per-shard", type=int, default=DEFAULT_MAX_PER_SHARD)
     a = ap.parse_args(argv)
-    print(convert_cifar100(a.src, a.out, workers=a.workers, max_per_shard=a.max_per_shard))
+    return run_cli(lambda: print(convert_cifar100(a.src, a.out, workers=a.workers, max_per_shard=a.max_per_shard)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import sys
 
 import numpy as np
 
-from shards.writer import SampleSpec, finish_conversion, stratified_split
+from shards.writer import SampleSpec, finish_conversion, run_cli, stratified_split
 
 RATIOS = {"pretrain": 0.3, "train": 0.5, "test": 0.2}
 MAX_PER_SHARD = 100  # ~90 train images per class -> one class per shard; test shards hold 2 classes
@@ -52,14 +53,13 @@ def write_digits_shards(out_dir: str, seed: int = 0, *, progress: bool = False,
                              {}, split_info, created_by, max_per_shard=max_per_shard, progress=progress)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output folder (shards + index.json)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     args = ap.parse_args(argv)
-    path = write_digits_shards(args.out, args.seed, progress=True)
-    print(path)
+    return run_cli(lambda: print(write_digits_shards(args.out, args.seed, progress=True)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

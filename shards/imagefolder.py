@@ -13,9 +13,13 @@ The index records the split (seed and fraction, or "pre-split") and a hash of th
 lists (split_info.file_list_sha256), so two machines can check they train on the same split.
 
 Images: original bytes by default (extension normalised: .jpeg -> jpg). Every image is decoded
-once at conversion (a corrupt file stops the conversion with its path, instead of failing
-training later). --resize-shorter N shrinks images whose shorter side exceeds N (bicubic,
-antialiased); JPEG sources are re-encoded as JPEG quality 95, others as PNG.
+once at conversion: a corrupt or unreadable file stops the conversion with one line naming it
+(exit code 2; finished shards are kept), instead of failing training later; with --skip-bad it is
+left out and listed in the index (`bad_samples`). Images must sit directly in their class folder:
+a class folder holding sub-folders stops the conversion with their names (nothing is dropped
+silently; move their images up or remove them). Files with other extensions (README.txt, ...)
+and hidden entries are ignored. --resize-shorter N shrinks images whose shorter side exceeds N
+(bicubic, antialiased); JPEG sources are re-encoded as JPEG quality 95, others as PNG.
 Keys: f"{split}_{class id:04d}_{file stem}" (characters other than [A-Za-z0-9_-] become '_', a
 numeric suffix keeps keys unique).
 """
@@ -24,11 +28,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 from typing import Optional
 
 import numpy as np
 
-from shards.writer import SampleSpec, finish_conversion, sanitize_key
+from shards.writer import SampleSpec, finish_conversion, run_cli, sanitize_key
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"}
 DEFAULT_MAX_PER_SHARD = 256
@@ -38,14 +43,19 @@ def list_classes(folder: str) -> dict[str, list[str]]:
     """{class folder name: sorted image file names} of one ImageFolder tree."""
     if not os.path.isdir(folder):
         raise ValueError(f"image folder {folder!r} does not exist; pass the extracted dataset folder as --src")
-    out = {}
+    out, nested = {}, []
     for name in sorted(os.listdir(folder)):
         sub = os.path.join(folder, name)
         if name.startswith(".") or not os.path.isdir(sub):
             continue  # README files, hidden folders
-        files = sorted(f for f in os.listdir(sub)
-                       if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS)
-        out[name] = files
+        entries = [f for f in os.listdir(sub) if not f.startswith(".")]
+        nested += [os.path.join(name, f) for f in sorted(entries) if os.path.isdir(os.path.join(sub, f))]
+        out[name] = sorted(f for f in entries if os.path.splitext(f)[1].lower() in IMAGE_EXTS
+                           and not os.path.isdir(os.path.join(sub, f)))
+    if nested:
+        raise ValueError(f"class folder(s) under {folder!r} hold sub-folders, which are not read: {nested[:5]}"
+                         f"{f' and {len(nested) - 5} more' if len(nested) > 5 else ''}; images must sit directly "
+                         f"in their class folder: move them up or remove the sub-folders")
     if not out:
         raise ValueError(f"image folder {folder!r} has no class sub-folders; expected <class>/<image> files "
                          f"(or train/<class>/ and test/<class>/)")
@@ -113,11 +123,14 @@ def folder_samples(src: str, seed: int = 0, test_fraction: float = 0.2
 
 def encode_file(path: str, options: dict) -> tuple[str, bytes]:
     """Original bytes (decoded once to catch corrupt files), or resized when options ask."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     ext = {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext)
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"image {path!r} cannot be read ({e.strerror or e})") from None
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
@@ -135,16 +148,19 @@ def encode_file(path: str, options: dict) -> tuple[str, bytes]:
                 return "jpg", out.getvalue()
             img.resize(size, Image.BICUBIC, reducing_gap=3.0).save(out, format="PNG")
             return "png", out.getvalue()
+    except UnidentifiedImageError:
+        raise ValueError(f"image {path!r} is corrupt or not an image (not a format PIL recognises)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"image {path!r} is corrupt or not an image ({e}); remove or replace it and re-run "
-                         f"(finished shards are kept)") from None
+        raise ValueError(f"image {path!r} is corrupt or not an image ({e})") from None
 
 
 def convert_folder(src: str, out: str, *, dataset: str = "imagefolder", seed: int = 0,
                    test_fraction: float = 0.2, resize_shorter: Optional[int] = None, workers: int = 1,
                    max_per_shard: int = DEFAULT_MAX_PER_SHARD, progress: bool = True,
-                   converter: str = "shards.imagefolder", expect_classes: Optional[int] = None) -> str:
-    """Convert an ImageFolder tree (either layout) into shards under `out`; returns index.json."""
+                   converter: str = "shards.imagefolder", expect_classes: Optional[int] = None,
+                   skip_bad: bool = False) -> str:
+    """Convert an ImageFolder tree (either layout) into shards under `out`; returns index.json.
+    skip_bad: leave corrupt/unreadable images out (listed in the index) instead of stopping."""
     names, samples, info = folder_samples(src, seed, test_fraction)
     if expect_classes is not None and len(names) != expect_classes:
         raise ValueError(f"{src!r} holds {len(names)} class folders, {dataset} has {expect_classes}; point "
@@ -154,7 +170,7 @@ def convert_folder(src: str, out: str, *, dataset: str = "imagefolder", seed: in
                                                    "test_fraction": test_fraction, "resize_shorter": resize_shorter,
                                                    "max_per_shard": max_per_shard}}
     return finish_conversion(out, dataset, names, samples, encode_file, options, info, created_by,
-                             max_per_shard=max_per_shard, workers=workers, progress=progress)
+                             max_per_shard=max_per_shard, workers=workers, progress=progress, skip_bad=skip_bad)
 
 
 def add_common_args(ap: argparse.ArgumentParser) -> None:
@@ -166,16 +182,20 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="processes")
     ap.add_argument("--max-per-shard", type=int, default=DEFAULT_MAX_PER_SHARD,
                     help="samples per shard; larger classes get several shards, smaller ones share")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="leave corrupt or unreadable images out (listed in index.json 'bad_samples' and counted "
+                         "in the summary) instead of stopping on the first one")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--name", default="imagefolder", help="dataset name recorded in the index")
     a = ap.parse_args(argv)
-    print(convert_folder(a.src, a.out, dataset=a.name, seed=a.seed, test_fraction=a.test_fraction,
-                         resize_shorter=a.resize_shorter, workers=a.workers, max_per_shard=a.max_per_shard))
+    return run_cli(lambda: print(convert_folder(
+        a.src, a.out, dataset=a.name, seed=a.seed, test_fraction=a.test_fraction, resize_shorter=a.resize_shorter,
+        workers=a.workers, max_per_shard=a.max_per_shard, skip_bad=a.skip_bad)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,12 +6,22 @@ Every converter (digits, ImageNet-R, CIFAR-100, ImageFolder) turns its source in
 1. groups them into shards by class (`plan_shards`): a class larger than `max_per_shard` gets
    shards of its own; small classes are packed together. So a task reads only the shards that
    hold its classes, and the index lists the classes of every shard.
-2. encodes and writes each shard in a pool of processes with a tqdm bar. A shard is written to a
-   temporary name and `os.replace`d, so a file at its final name is always complete.
-3. records every finished shard (plan hash + sha256) in a state file next to the shards. A second
-   run re-hashes the existing file and skips it when both match; anything else is rewritten.
+2. encodes and writes each shard in a pool of processes with a tqdm bar (shards/pool.py: the
+   first failure or a Ctrl-C stops every worker at once; workers die with their parent). A
+   shard is written to a temporary name (`<name>.tmp<pid>`) and `os.replace`d, so a file at its
+   final name is always complete; temporary files left by a killed run (their process is gone)
+   are removed by the next run.
+3. records every finished shard (plan hash + sha256) in a state file next to the shards, as soon
+   as it is finished, also while others are still being written. A second run re-hashes the
+   existing file and skips it when both match; anything else is rewritten.
 4. writes index.json (atomically) with class names, per-split/per-class counts, the shard list,
-   the split description and who created it.
+   the split description, who created it, and the bad source files left out (`bad_samples`).
+
+A source that cannot be read or decoded stops the conversion with one line naming the file and
+the reason (`BadSample`, a ValueError; the CLIs print it as `error: ...`, exit code 2). With
+`skip_bad` (the converters' --skip-bad) such samples are left out instead and listed in the index
+(`bad_samples.skipped`: split, key, source, reason) and in the summary; a later run without it
+rewrites the shards that left something out (and stops on the file, if it is still bad).
 
 Tar members are written with fixed metadata (mtime 0, uid/gid 0, no user names) so two runs over
 the same input produce byte-identical shards and therefore identical indexes.
@@ -27,15 +37,29 @@ import os
 import re
 import sys
 import tarfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from sdlora_ds.fileio import sha256_file  # noqa: F401  (re-exported for the converters)
 
 FORMAT = "sdlora-ds-shards/1"
 STATE_FILE = ".shards_state.json"
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+_TMP = re.compile(r"\.tmp(\d+)$")  # atomic_write_bytes' temporary names: <final name>.tmp<pid>
+BAD_SOURCE_ERRORS = (ValueError, OSError)
+"""What an encode function raises for a bad source (unreadable, corrupt, not an image). Any
+other exception is a bug and propagates with its traceback."""
+
+
+class BadSample(ValueError):
+    """One source that cannot be converted: the message names the sample, the file and the reason."""
+
+    def __init__(self, message: str, key: str = "", source: Optional[str] = None, reason: str = ""):
+        super().__init__(message)
+        self.key, self.source, self.reason = key, source, reason
+
+    def __reduce__(self):  # raised in a pool worker, re-raised in the parent
+        return (BadSample, (str(self), self.key, self.source, self.reason))
 
 
 @dataclass(frozen=True)
@@ -143,33 +167,82 @@ EncodeFn = Callable[[Any, dict], tuple[str, bytes]]
 """encode(source, options) -> (extension without dot, image bytes). Module-level (picklable)."""
 
 
-def _write_job(out_dir: str, job: ShardJob, encode: EncodeFn, options: dict, plan: str) -> dict:
+def _source_name(s: SampleSpec) -> Optional[str]:
+    return s.source if isinstance(s.source, str) else None
+
+
+def _write_job(out_dir: str, job: ShardJob, encode: EncodeFn, options: dict, plan: str,
+               skip_bad: bool = False) -> dict:
     path = os.path.join(out_dir, job.rel_path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    rows = []
+    rows, kept, bad = [], [], []
     for s in job.samples:
         try:
             ext, data = encode(s.source, options)
-        except Exception as e:  # name the input: a converter error must say which file broke
-            raise ValueError(f"cannot convert sample {s.key!r} from {s.fingerprint}: {e}") from e
+        except BAD_SOURCE_ERRORS as e:  # name the input: a converter error must say which file broke
+            source = _source_name(s)
+            if skip_bad:
+                bad.append({"split": job.split, "key": s.key, "source": source, "reason": str(e)})
+                continue
+            where = f" ({source})" if source and source not in str(e) else ""
+            raise BadSample(f"sample {s.key}{where}: {e}; remove or replace it and re-run, or re-run with "
+                            f"--skip-bad to leave it out (listed in index.json); finished shards are kept",
+                            s.key, source, str(e)) from None
         rows.append((s.key, s.cls, ext, data))
+        kept.append(s)
     data = tar_bytes(rows)
     atomic_write_bytes(path, data)
-    return _entry(job, hashlib.sha256(data).hexdigest(), plan)
+    return _entry(job, hashlib.sha256(data).hexdigest(), plan, kept, bad)
 
 
-def _entry(job: ShardJob, sha: str, plan: str) -> dict:
+def _entry(job: ShardJob, sha: str, plan: str, kept: Optional[list] = None, bad: Sequence[dict] = ()) -> dict:
     per_class: dict[int, int] = {}
-    for s in job.samples:
+    kept = job.samples if kept is None else kept
+    for s in kept:
         per_class[s.cls] = per_class.get(s.cls, 0) + 1
-    return {"path": job.rel_path, "num_samples": len(job.samples), "classes": sorted(per_class),
-            "per_class": {str(c): n for c, n in sorted(per_class.items())}, "sha256": sha, "plan": plan}
+    entry = {"path": job.rel_path, "num_samples": len(kept), "classes": sorted(per_class),
+             "per_class": {str(c): n for c, n in sorted(per_class.items())}, "sha256": sha, "plan": plan}
+    if bad:
+        entry["bad"] = list(bad)
+    return entry
+
+
+def remove_stale_temporaries(out_dir: str) -> list[str]:
+    """Delete `<name>.tmp<pid>` files under out_dir whose writing process is gone (left by a killed
+    run); returns their paths. Files of a live process (another run writing here) are left alone."""
+    removed = []
+    for folder, _, files in os.walk(out_dir):
+        for name in files:
+            m = _TMP.search(name)
+            if not m:
+                continue
+            pid = int(m.group(1))
+            try:
+                os.kill(pid, 0)
+                if pid != os.getpid():
+                    continue  # alive
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # someone else's live process
+            path = os.path.join(folder, name)
+            try:
+                os.remove(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def convert(out_dir: str, jobs: Sequence[ShardJob], encode: EncodeFn, options: dict, *,
-            workers: int = 1, progress: bool = True, desc: str = "shards") -> tuple[list[dict], dict]:
-    """Write every job's shard (skipping verified finished ones). Returns (index entries, stats)."""
+            workers: int = 1, progress: bool = True, desc: str = "shards",
+            skip_bad: bool = False) -> tuple[list[dict], dict]:
+    """Write every job's shard (skipping verified finished ones). Returns (index entries, stats):
+    stats = {"written": shards written, "skipped": finished shards verified and kept,
+    "bad_samples": sources left out (skip_bad), "stale_removed": temporary files of a killed run
+    deleted}. A bad source raises BadSample unless skip_bad."""
     os.makedirs(out_dir, exist_ok=True)
+    stale = remove_stale_temporaries(out_dir)
     state_path = os.path.join(out_dir, STATE_FILE)
     state: dict = {}
     if os.path.isfile(state_path):
@@ -184,12 +257,13 @@ def convert(out_dir: str, jobs: Sequence[ShardJob], encode: EncodeFn, options: d
     for j in jobs:
         old = state.get(j.rel_path)
         path = os.path.join(out_dir, j.rel_path)
-        if old and old.get("plan") == plans[j.rel_path] and os.path.isfile(path) \
-                and sha256_file(path) == old.get("sha256"):
+        # a shard that left bad sources out is kept only while they may be left out
+        if old and old.get("plan") == plans[j.rel_path] and (skip_bad or not old.get("bad")) \
+                and os.path.isfile(path) and sha256_file(path) == old.get("sha256"):
             done[j.rel_path] = old
         else:
             todo.append(j)
-    stats = {"written": len(todo), "skipped": len(done)}
+    stats = {"written": len(todo), "skipped": len(done), "bad_samples": 0, "stale_removed": len(stale)}
     bar = _bar(len(jobs), desc, progress, initial=len(done))
 
     def finish(entry: dict) -> None:
@@ -198,16 +272,19 @@ def convert(out_dir: str, jobs: Sequence[ShardJob], encode: EncodeFn, options: d
         atomic_write_json(state_path, state)  # after each shard: an interrupted run resumes here
         bar.update(1)
 
-    if workers <= 1 or len(todo) <= 1:
-        for j in todo:
-            finish(_write_job(out_dir, j, encode, options, plans[j.rel_path]))
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futs = [pool.submit(_write_job, out_dir, j, encode, options, plans[j.rel_path]) for j in todo]
-            for fut in as_completed(futs):
-                finish(fut.result())  # a failed shard raises here, naming its input
-    bar.close()
-    return [done[j.rel_path] for j in jobs], stats
+    try:
+        calls = [(out_dir, j, encode, options, plans[j.rel_path], skip_bad) for j in todo]
+        if workers <= 1 or len(todo) <= 1:
+            for args in calls:
+                finish(_write_job(*args))
+        else:
+            from shards.pool import run_all
+            run_all(_write_job, calls, workers, finish)  # a failed shard raises here, naming its input
+    finally:
+        bar.close()
+    entries = [done[j.rel_path] for j in jobs]
+    stats["bad_samples"] = sum(len(e.get("bad", ())) for e in entries)
+    return entries, stats
 
 
 class _NoBar:
@@ -236,7 +313,8 @@ def file_list_hash(split_keys: dict[str, Sequence[str]]) -> str:
 
 
 def build_index(dataset: str, class_names: Sequence[str], entries_by_split: dict[str, list[dict]],
-                split_info: dict, created_by: dict) -> dict:
+                split_info: dict, created_by: dict, bad_samples: Optional[dict] = None) -> dict:
+    """The index JSON. bad_samples: {"policy": "stop" | "skip", "skipped": [...]} (finish_conversion)."""
     n = len(class_names)
     splits = {}
     for split, entries in entries_by_split.items():
@@ -247,27 +325,62 @@ def build_index(dataset: str, class_names: Sequence[str], entries_by_split: dict
         splits[split] = {"num_samples": sum(per_class), "per_class": per_class,
                          "shards": [{k: e[k] for k in ("path", "num_samples", "classes", "per_class", "sha256")}
                                     for e in entries]}
-    return {"format": FORMAT, "dataset": dataset, "class_names": list(class_names), "num_classes": n,
-            "splits": splits, "split_info": split_info, "created_by": created_by}
+    index = {"format": FORMAT, "dataset": dataset, "class_names": list(class_names), "num_classes": n,
+             "splits": splits, "split_info": split_info, "created_by": created_by}
+    if bad_samples is not None:
+        index["bad_samples"] = bad_samples
+    return index
 
 
 def finish_conversion(out_dir: str, dataset: str, class_names: Sequence[str],
                       samples_by_split: dict[str, Sequence[SampleSpec]], encode: EncodeFn, options: dict,
                       split_info: dict, created_by: dict, *, max_per_shard: int, workers: int = 1,
-                      progress: bool = True) -> str:
-    """Plan, write and index every split; returns the index path. Shared tail of all converters."""
+                      progress: bool = True, skip_bad: bool = False) -> str:
+    """Plan, write and index every split; returns the index path. Shared tail of all converters.
+    skip_bad: leave bad sources out (listed in the index) instead of stopping on the first one.
+    With progress, a one-line summary goes to stderr at the end."""
     jobs_by_split = {sp: plan_shards(sp, samples, max_per_shard) for sp, samples in samples_by_split.items()}
     all_jobs = [j for jobs in jobs_by_split.values() for j in jobs]
-    entries, _ = convert(out_dir, all_jobs, encode, options, workers=workers, progress=progress,
-                         desc=f"{dataset} shards")
+    entries, stats = convert(out_dir, all_jobs, encode, options, workers=workers, progress=progress,
+                             desc=f"{dataset} shards", skip_bad=skip_bad)
     by_path = {e["path"]: e for e in entries}
     entries_by_split = {sp: [by_path[j.rel_path] for j in jobs] for sp, jobs in jobs_by_split.items()}
     info = dict(split_info)
     info["file_list_sha256"] = file_list_hash({sp: [s.key for s in ss] for sp, ss in samples_by_split.items()})
-    index = build_index(dataset, class_names, entries_by_split, info, created_by)
+    skipped = [b for e in entries for b in e.get("bad", ())]
+    index = build_index(dataset, class_names, entries_by_split, info, created_by,
+                        bad_samples={"policy": "skip" if skip_bad else "stop", "skipped": skipped})
     path = os.path.join(out_dir, "index.json")
     atomic_write_json(path, index)
+    if progress:
+        print(summary_line(dataset, index, stats), file=sys.stderr)
     return path
+
+
+def summary_line(dataset: str, index: dict, stats: dict) -> str:
+    counts = ", ".join(f"{sp} {s['num_samples']:,}" for sp, s in index["splits"].items())
+    line = (f"{dataset}: {stats['written'] + stats['skipped']} shards ({stats['written']} written, "
+            f"{stats['skipped']} verified and kept), samples: {counts}")
+    if stats.get("bad_samples"):
+        line += f"; {stats['bad_samples']} bad source file(s) left out (index.json 'bad_samples')"
+    if stats.get("stale_removed"):
+        line += f"; {stats['stale_removed']} temporary file(s) of an interrupted run removed"
+    return line
+
+
+def run_cli(main: Callable[..., Any], *args) -> int:
+    """Run a converter's main(*args): a user mistake or a bad source becomes one `error: ...` line
+    on stderr and exit code 2 (no traceback); Ctrl-C says what was kept (exit code 130)."""
+    try:
+        main(*args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: every shard finished so far is recorded; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return 0
 
 
 def stratified_split(labels: Sequence[int], ratios: dict[str, float], seed: int) -> dict[str, list[int]]:

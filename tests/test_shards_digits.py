@@ -84,7 +84,7 @@ def test_second_run_verifies_and_skips(tmp_path):
     open(victim, "ab").write(b"junk")  # damaged: must be rewritten
     jobs = [j for sp, ss in digits_samples(0).items() for j in writer.plan_shards(sp, ss, MAX_PER_SHARD)]
     _, stats = writer.convert(out, jobs, encode_png, {}, progress=False)
-    assert stats == {"written": 1, "skipped": len(jobs) - 1}
+    assert stats == {"written": 1, "skipped": len(jobs) - 1, "bad_samples": 0, "stale_removed": 0}
     idx = json.load(open(os.path.join(out, "index.json")))
     entry = next(sh for sh in idx["splits"]["train"]["shards"] if sh["path"] == "train/train-000003.tar")
     assert hashlib.sha256(open(victim, "rb").read()).hexdigest() == entry["sha256"]

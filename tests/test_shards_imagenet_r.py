@@ -160,3 +160,34 @@ def test_cli(tree, tmp_path):
                         "--num-classes", "5", "--workers", "1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "cli" / "index.json").exists()
+
+
+def test_bad_image_cli_is_one_line_and_skip_bad_records_it(tmp_path):
+    bad = str(tmp_path / "bad")
+    make_tree(bad)
+    victim = os.path.join(bad, WNIDS[1], "sketch_1.JPEG")
+    open(victim, "wb").write(b"\xff\xd8 truncated")
+    cmd = [sys.executable, "-m", "shards.imagenet_r", "--src", bad, "--out", str(tmp_path / "o"), "--num-classes", "5",
+           "--workers", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]  # besides the progress bar
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "sketch_1.JPEG' is corrupt" in errors[0], r.stderr
+    r = subprocess.run(cmd + ["--skip-bad"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "1 bad source file(s) left out" in r.stderr
+    idx = json.load(open(tmp_path / "o" / "index.json"))
+    skipped = idx["bad_samples"]["skipped"]
+    assert [s["source"] for s in skipped] == [victim] and "corrupt" in skipped[0]["reason"]
+    total = sum(idx["splits"][s]["num_samples"] for s in ("train", "test"))
+    assert total == sum(SIZES) - 1
+    ShardIndex.load(str(tmp_path / "o" / "index.json"), verify_checksums=True)
+
+
+def test_nested_folders_in_a_class_folder_are_reported(tmp_path):
+    src = str(tmp_path / "nested")
+    make_tree(src)
+    os.makedirs(os.path.join(src, WNIDS[3], "more"))
+    Image.new("RGB", (30, 30)).save(os.path.join(src, WNIDS[3], "more", "hidden_image.jpg"))
+    with pytest.raises(ValueError, match=r"hold sub-folders, which are not read: \['n01498041/more'\]"):
+        convert(src, str(tmp_path / "o"))
