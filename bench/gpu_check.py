@@ -22,8 +22,9 @@ pass/fail/skipped, its time and the error text, so one failing part does not los
   data_bench_cuda     bench/data_throughput.py --device cuda --out-json (GPU decode path)
   data_bench_cpu      bench/data_throughput.py --device cpu --out-json
 
-"frozen" = the plain ViT (no adapter), every weight frozen except the position embedding, so the
-backward runs through every block as it must for any adapter, without weight gradients.
+"frozen" = the plain ViT (no adapter) with every weight frozen; only the biases of the adapted
+q/v projections take a gradient (a sum over tokens each), so its backward walks the same graph as
+SD-LoRA's (down to block 0's q/v outputs) without any low-rank work: the floor of any q/v adapter.
 
 Outputs under --out (default $OUT): gpu_check.json (everything, rewritten after each part) and
 gpu_check.md (tables). --cpu-smoke (or SDLORA_GPU_CHECK_CPU=1): the same parts with tiny shapes on
@@ -60,8 +61,8 @@ PARTS = {
     "shards": (45, 15),
     "e2e_train": (150, 70),
     "data_shards": (30, 10),
-    "data_bench_cuda": (60, 30),
-    "data_bench_cpu": (60, 30),
+    "data_bench_cuda": (75, 40),
+    "data_bench_cpu": (75, 40),
 }
 DEVICE_PARTS = {"kernel_correctness", "step_timing", "op_timing", "e2e_train", "data_bench_cuda"}
 NEEDS_SHARDS = {"e2e_train", "data_shards"}
@@ -75,7 +76,7 @@ def sizes(smoke: bool) -> dict:
                     workers=0, bench_images=24)
     return dict(d=768, layers=12, heads=12, image=224, batch=128, tasks=[1, 5, 20, 50], rounds=10, rank=10,
                 cpt=10, tokens=128 * 197, op_rounds=20, classes=4, per_class=768, jpeg=224, e2e_epochs=2,
-                e2e_batch=128, workers=max(1, min(8, (os.cpu_count() or 2) - 2)), bench_images=600)
+                e2e_batch=128, workers=max(1, min(8, (os.cpu_count() or 2) - 2)), bench_images=400)
 
 
 # ============================================================================ parts (child process)
@@ -137,7 +138,7 @@ def part_step_timing(ctx) -> dict:
     from torch import nn
     import train_step as TS
     from sdlora_ds.model import build_backbone
-    from sdlora_ds.model.backbone import cls_features
+    from sdlora_ds.model.backbone import cls_features, find_targets
 
     s, dev, cuda = ctx["sizes"], ctx["device"], _cuda(ctx)
     args = argparse.Namespace(d=s["d"], layers=s["layers"], heads=s["heads"], image_size=s["image"], rank=s["rank"],
@@ -160,12 +161,13 @@ def part_step_timing(ctx) -> dict:
                 layer.impl = self.impl
             self.runner.step()
 
-    class Frozen(nn.Module):  # plain ViT + head; only the position embedding takes a gradient
+    class Frozen(nn.Module):  # plain ViT + head; only the q/v biases take a gradient (see module doc)
         def __init__(self):
             super().__init__()
             self.backbone = build_backbone(cfg.backbone).requires_grad_(False)
             self.head = nn.Linear(s["d"], s["cpt"])
-            self.pos = self.backbone.embeddings.position_embeddings.requires_grad_(True)
+            self.qv_bias = [lin.bias.requires_grad_(True) for *_, lin in
+                            find_targets(self.backbone, cfg.adapter.target_modules)]
 
         def forward(self, x):
             return self.head(cls_features(self.backbone, x))
@@ -181,7 +183,7 @@ def part_step_timing(ctx) -> dict:
         runners[("loop", t)] = TS.Runner(loop, loop_params, ours.known_classes, batch, dev, amp)
     torch.manual_seed(0)
     frozen = Frozen().to(dev)
-    runners[("frozen", 0)] = TS.Runner(frozen, [frozen.pos, *frozen.head.parameters()], 0, batch, dev, amp)
+    runners[("frozen", 0)] = TS.Runner(frozen, [*frozen.qv_bias, *frozen.head.parameters()], 0, batch, dev, amp)
 
     times = {k: [] for k in runners}
     failed = {}
@@ -209,7 +211,8 @@ def part_step_timing(ctx) -> dict:
             base = torch.cuda.memory_allocated()
             runner.step()
             torch.cuda.synchronize()
-            peak[f"{v}_t{t}" if v != "frozen" else "frozen"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+            used = torch.cuda.max_memory_allocated() - base
+            peak[f"{v}_t{t}" if v != "frozen" else "frozen"] = round(used / 2**20, 1)
     ours = "ours_triton" if cuda else "ours_reference"  # what adapter.impl='auto' runs on this device
     per_t = {}
     for t in s["tasks"]:
@@ -291,6 +294,7 @@ def part_shards(ctx) -> dict:
     for d in (src, out):
         shutil.rmtree(d, ignore_errors=True)
     t0 = time.perf_counter()
+    # longer side s["jpeg"] px (the 4th argument is the (shortest, longest) range of the longer side)
     make_jpegs(src, s["classes"] * s["per_class"], s["classes"], (s["jpeg"], s["jpeg"]))
     gen_s = time.perf_counter() - t0
     index = convert_folder(src, out, workers=max(1, s["workers"]), progress=False)
@@ -378,8 +382,15 @@ def steady_rate(tb_dir: str, batch: int) -> dict:
             "img_s_steady_note": "each task's first step (compile, worker start) left out; data loading included"}
 
 
+def _epoch(loader) -> tuple:
+    """(seconds, images) of one pass over a loader, wall clock."""
+    t0, n = time.perf_counter(), 0
+    for x, _ in loader:
+        n += x.shape[0]
+    return time.perf_counter() - t0, n
+
+
 def part_data_shards(ctx) -> dict:
-    from data_throughput import time_epoch
     from sdlora_ds.config import DataConfig
     from sdlora_ds.data import ShardIndex, build_loader
     s = ctx["sizes"]
@@ -388,7 +399,7 @@ def part_data_shards(ctx) -> dict:
     cfg = DataConfig(index=path, image_size=s["image"], test_resize=s["image"], num_workers=s["workers"])
     kw = dict(split="train", class_ids=list(range(index.num_classes)), train=True, batch_size=s["e2e_batch"],
               rank=0, world_size=1, seed=0)
-    epochs = [time_epoch(build_loader(index, cfg, epoch=e, **kw)) for e in range(2)]  # epoch 0 warms up
+    epochs = [_epoch(build_loader(index, cfg, epoch=e, **kw)) for e in range(2)]  # epoch 0 warms up
     secs, n = epochs[1]
     return {"workers": s["workers"], "images": n, "seconds": round(secs, 3), "img_s": round(n / secs, 1),
             "img_s_per_worker": round(n / secs / max(1, s["workers"]), 1), "warmup_epoch_s": round(epochs[0][0], 3)}
@@ -402,8 +413,8 @@ def _data_bench(ctx, device: str) -> dict:
     cmd = [sys.executable, os.path.join("bench", "data_throughput.py"), "--images", str(s["bench_images"]),
            "--workers", str(s["workers"]), "--device", device, "--out-json", path,
            "--dir", os.path.join(ctx["work"], f"data_bench_{device}")]
-    if ctx["smoke"]:
-        cmd += ["--classes", "2", "--repeats", "1", "--size", "64x48", "--batch", "8"]
+    cmd += ["--classes", "2", "--repeats", "1", "--min-side", "64", "--max-side", "96", "--batch", "8"] \
+        if ctx["smoke"] else ["--repeats", "3"]
     shutil.rmtree(os.path.join(ctx["work"], f"data_bench_{device}"), ignore_errors=True)
     os.makedirs(os.path.join(ctx["work"], f"data_bench_{device}"))
     rc, text = run_cmd(cmd, ctx["timeout"] - 5)
@@ -590,7 +601,7 @@ def write_outputs(report: dict, out: str) -> None:
         md += ["", f"## Training step (ViT d={st['d']} x {st['layers']}, {st['image']} px, batch {st['batch']}, "
                f"amp {st['amp']}; ms, {st['stat']}; ours = {st['ours']}; frozen {_fmt(st['ms'].get('frozen'))} ms)", "",
                "| T | ours | reference impl | loop | ours/frozen | reference/frozen | loop/ours | triton/reference "
-               "| ours/ours(T1) | img/s | peak MiB ours | peak MiB loop |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+               "| ours/ours(T1) | img/s | peak MiB ours | peak MiB loop |", "|---" * 12 + "|"]
         for t, r in st["per_t"].items():
             md.append(f"| {t} | {_fmt(r.get('ours_ms'))} | {_fmt(r.get('ours_reference_ms'))} | {_fmt(r.get('loop_ms'))} "
                       f"| {_fmt(r.get('ours_over_frozen'))} | {_fmt(r.get('reference_over_frozen'))} "

@@ -41,7 +41,8 @@ def layer_call(dtype=torch.float32, impl="triton"):
     """One projection call as SDLoRALinear makes it (frozen stack + a current task)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 20, generator=g).to(dtype)
-    a_f, b_f, s_f = torch.randn(8, 20, generator=g).to(dtype), torch.randn(24, 8, generator=g).to(dtype), torch.rand(8, generator=g)
+    a_f, b_f = torch.randn(8, 20, generator=g).to(dtype), torch.randn(24, 8, generator=g).to(dtype)
+    s_f = torch.rand(8, generator=g)
     a_c, b_c = torch.randn(4, 20, generator=g).requires_grad_(), torch.randn(24, 4, generator=g).requires_grad_()
     x = torch.randn(2, 3, 20, generator=g).to(dtype)
     return sl.stacked_lowrank_linear(x, w, None, a_f, b_f, s_f, a_c, b_c, torch.tensor(1.0), impl=impl)
