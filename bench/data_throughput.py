@@ -1,20 +1,29 @@
-"""Data throughput: shards (+ task cache) vs a plain torchvision ImageFolder DataLoader.
+"""Data throughput per worker: the shard reader's fast path vs torchvision ImageFolder, same images.
 
-    python bench/data_throughput.py [--images 600] [--classes 6] [--workers 1] [--size 500x375]
+    python bench/data_throughput.py [--images 400] [--min-side 500 --max-side 1000] [--workers 0]
+                                    [--repeats 5] [--device cpu|cuda] [--out-json PATH]
 
-Generates JPEGs (smooth random images, ImageNet-like size, quality 90) into an ImageFolder tree,
-converts the same files into shards (original bytes), then times one training epoch of
-decode + SPEC train augmentation at 224 px (RandomResizedCrop bicubic + flip + ToTensor) for:
-  imagefolder       torchvision.datasets.ImageFolder + DataLoader(shuffle=True) with the classic
-                    PIL transforms the reference code uses (v1 RandomResizedCrop, flip, ToTensor)
-  imagefolder_same  the same ImageFolder DataLoader with our build_transform (isolates the data path)
-  shards            build_loader(train=True) reading the tars
-  cached            build_loader with a filled TaskCache (no tar reads)
-After one warm-up read of every file (all read from the page cache), the variants run one epoch
-each, interleaved, --repeats times, in one process; the median epoch of each is reported. Timings
-on shared machines are noisy: compare the ratios. Prints images/s per worker
-and ends with one JSON line (shards_over_imagefolder, cached_over_imagefolder, and the same two
-against imagefolder_same).
+Generates photo-like JPEGs (a smooth random field plus noise, quality 90) whose longer side is
+uniform in [--min-side, --max-side] (ImageNet-R's are often 500-1000 px), in an ImageFolder tree;
+converts the same files into shards (original bytes) and into resized shards (--resize-shorter
+at conversion); then times one training epoch of decode + SPEC train augmentation at 224 px
+(RandomResizedCrop(scale 0.05-1) bicubic + flip + ToTensor) for:
+  imagefolder        torchvision.datasets.ImageFolder + DataLoader with the reference transform
+                     (build_reference_transform: full PIL decode + torchvision v2): the baseline
+  imagefolder_v1     the same with the classic v1 PIL transforms the reference code uses
+  shards_reference   build_loader on the shards, data.decode = "reference" (the baseline's work)
+  shards             build_loader, data.decode = "cpu": crop planned from the header, JPEG decoded
+                     at reduced DCT scale when the crop allows it, only the crop region resampled
+  shards_resizedN    the same on shards resized at conversion (--resized N: shorter side N, 448
+                     and 256 by default): faster to decode, but another input distribution (a
+                     crop holds fewer source pixels: more crops are upsampled, i.e. blurrier)
+  cuda               (--device cuda) data.decode = "cuda": workers pass bytes, the GPU decodes
+                     (nvjpeg) and augments; timed with a device synchronisation per batch
+All variants run interleaved, --repeats epochs each, in one process, after one warm-up read of
+every file (the page cache holds them). Per-worker rate: with --workers 0 the main process does
+all the work and is timed by its CPU time (--clock auto; other processes on a shared machine
+cannot inflate it); with workers or on CUDA, by the wall clock divided by the workers. Prints
+img/s per worker, the ratios against imagefolder, and one JSON line (also written to --out-json).
 """
 from __future__ import annotations
 
@@ -24,107 +33,183 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from timing import STATS, add_timing_args, device_name, setup_timing  # noqa: E402
 from sdlora_ds.config import DataConfig  # noqa: E402
-from sdlora_ds.data import ShardIndex, TaskCache, build_loader, build_transform  # noqa: E402
+from sdlora_ds.data import ShardIndex, build_loader  # noqa: E402
+from sdlora_ds.data.transforms import build_reference_transform  # noqa: E402
 from shards.imagefolder import convert_folder  # noqa: E402
 
 
-def make_jpegs(root: str, n: int, classes: int, size: tuple[int, int], seed: int = 0) -> None:
-    """Smooth random photos-like images: a low-resolution random field upscaled, plus noise."""
+def make_jpegs(root: str, n: int, classes: int, sides: tuple[int, int], noise: int = 12,
+               seed: int = 0) -> list[tuple[int, int]]:
+    """Photo-like JPEGs, longer side uniform in `sides`, aspect 0.6-0.9, every third portrait: a
+    smooth random field plus uniform noise of +-noise grey levels (the noise sets the bits per pixel,
+    and so the entropy-decoding share of the decode, which DCT scaling cannot shrink)."""
     from PIL import Image
     rng = np.random.default_rng(seed)
-    w, h = size
+    dims = []
     for i in range(n):
-        c = i % classes
-        d = os.path.join(root, "train", f"class{c:03d}")
+        long = int(rng.integers(sides[0], sides[1] + 1))
+        short = int(long * rng.uniform(0.6, 0.9))
+        w, h = (short, long) if i % 3 == 0 else (long, short)
+        d = os.path.join(root, "train", f"class{i % classes:03d}")
         os.makedirs(d, exist_ok=True)
         small = Image.fromarray(rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-        arr = np.asarray(small).astype(np.int16) + rng.integers(-12, 12, (h, w, 3))
+        arr = np.asarray(small).astype(np.int16) + rng.integers(-noise, noise + 1, (h, w, 3))
         Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(os.path.join(d, f"img_{i:05d}.jpg"), quality=90)
+        dims.append((w, h))
     for c in range(classes):  # the converter's pre-split layout needs a test folder too
         d = os.path.join(root, "test", f"class{c:03d}")
         os.makedirs(d, exist_ok=True)
-        Image.new("RGB", (w, h)).save(os.path.join(d, "t.jpg"))
+        Image.new("RGB", (64, 64)).save(os.path.join(d, "t.jpg"))
+    return dims
 
 
-def time_epoch(loader) -> tuple[float, int]:
-    t0, n = time.perf_counter(), 0
+def fidelity(src: str, cfg, resized: list[int], n: int = 32) -> dict:
+    """Output vs the reference (full decode, original image) over n images, one seed each: for the
+    fast path on the original bytes, mean |difference| (same crop box up to rounding); for it and
+    each resized copy, sharpness (mean |horizontal gradient|) / the reference's, averaged. A crop
+    of a resized copy holds fewer source pixels: its sharpness drops below 1."""
+    from PIL import Image
+    from sdlora_ds.data.transforms import FastTransform
+    from shards.imagefolder import encode_file
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(src, "train")) for f in fs)[:n]
+    ref, fast = build_reference_transform(cfg, train=True), FastTransform(cfg, train=True)
+    sharp = lambda x: float((x[..., 1:] - x[..., :-1]).abs().mean())  # noqa: E731
+    out: dict = {}
+    for name, opt in [("shards", None)] + [(f"shards_resized{r}", r) for r in resized]:
+        diffs, ratios = [], []
+        for i, path in enumerate(files):
+            data = encode_file(path, {"resize_shorter": opt})[1]
+            torch.manual_seed(i)
+            a = fast(data)
+            torch.manual_seed(i)
+            b = ref(Image.open(path))
+            diffs.append(float((a - b).abs().mean()))
+            ratios.append(sharp(a) / sharp(b))
+        # on a resized copy the same draws give another box (the position draw depends on the size):
+        # only the sharpness statistic compares there
+        out[name] = {"mean_abs_diff": round(float(np.mean(diffs)), 4) if opt is None else None,
+                     "sharpness_ratio": round(float(np.mean(ratios)), 3)}
+    return out
+
+
+def time_epoch(loader, clock, sync) -> tuple[float, int]:
+    t0, n = clock(), 0
     for x, _ in loader:
+        sync()
         n += x.shape[0]
-    return time.perf_counter() - t0, n
+    return clock() - t0, n
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=600)
-    ap.add_argument("--classes", type=int, default=6)
-    ap.add_argument("--workers", type=int, default=1, help="DataLoader workers per variant")
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--classes", type=int, default=4)
+    ap.add_argument("--min-side", type=int, default=500, help="shortest longer side of the generated JPEGs")
+    ap.add_argument("--max-side", type=int, default=1000, help="longest longer side")
+    ap.add_argument("--noise", type=int, default=12, help="+- grey levels of pixel noise in the JPEGs")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers per variant (0: main process)")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--size", default="500x375", help="JPEG width x height")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one)")
-    ap.add_argument("--repeats", type=int, default=3, help="epochs per variant (the median is reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="epochs per variant (the --stat of them is reported)")
+    ap.add_argument("--resized", type=int, nargs="*", default=[448, 256],
+                    help="also time shards converted with --resize-shorter N, for each N")
+    ap.add_argument("--out-json", default=None, help="also write the final JSON line to this file")
+    add_timing_args(ap)
     a = ap.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch.cuda.is_available() is False (no GPU or a CPU-only torch); "
+                 "run without --device to time the CPU paths")
+    if a.workers > 0 or a.device != "cpu":
+        a.clock = "wall"  # worker processes' CPU time is not the main process's
+    clock = setup_timing(a)
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
+    warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision.*")
     from torchvision.datasets import ImageFolder
+    from torchvision import transforms as v1
 
-    size = tuple(int(v) for v in a.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         work = a.dir or tmp
-        src, out = os.path.join(work, "jpegs"), os.path.join(work, "shards")
-        make_jpegs(src, a.images, a.classes, size)
-        index_path = convert_folder(src, out, workers=1, progress=False, max_per_shard=64)
-        index = ShardIndex.load(index_path, verify_checksums=True)
-        cfg = DataConfig(index=index_path, num_workers=a.workers)  # SPEC defaults: 224, bicubic, flip
+        src = os.path.join(work, "jpegs")
+        dims = make_jpegs(src, a.images, a.classes, (a.min_side, a.max_side), a.noise)
+        idx_full = convert_folder(src, os.path.join(work, "shards"), workers=1, progress=False, max_per_shard=64)
+        resized = {n: ShardIndex.load(convert_folder(src, os.path.join(work, f"shards{n}"), workers=1, progress=False,
+                                                     max_per_shard=64, resize_shorter=n)) for n in a.resized}
+        cfg = DataConfig(index=idx_full, num_workers=a.workers)  # SPEC defaults: 224, bicubic, scale 0.05-1, flip
+        index = ShardIndex.load(idx_full, verify_checksums=True)
         classes = list(range(index.num_classes))
-
-        from torchvision import transforms as v1
         classic = v1.Compose([v1.RandomResizedCrop(224, scale=(0.05, 1.0), ratio=(3 / 4, 4 / 3),
                                                    interpolation=v1.InterpolationMode.BICUBIC),
                               v1.RandomHorizontalFlip(), v1.ToTensor()])
 
-        def folder_loader(transform):
+        def folder(transform):
             ds = ImageFolder(os.path.join(src, "train"), transform=transform)
-            return torch.utils.data.DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.workers,
-                                               persistent_workers=False)
-        kw = dict(split="train", class_ids=classes, train=True, batch_size=a.batch, rank=0, world_size=1, seed=0,
+            return torch.utils.data.DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.workers)
+
+        kw = dict(split="train", class_ids=classes, train=True, batch_size=a.batch, rank=0, world_size=1,
                   num_workers=a.workers)
+
+        def shards(ix, decode):
+            c = DataConfig(index=ix.path, num_workers=a.workers, decode=decode)
+            return lambda e: build_loader(ix, c, seed=0, epoch=e, **kw)
+        variants = {"imagefolder": lambda e: folder(build_reference_transform(cfg, train=True)),
+                    "imagefolder_v1": lambda e: folder(classic),
+                    "shards_reference": shards(index, "reference"),
+                    "shards": shards(index, "cpu"),
+                    **{f"shards_resized{n}": shards(ix, "cpu") for n, ix in resized.items()}}
+        if a.device.startswith("cuda"):
+            variants["cuda"] = shards(index, "cuda")
         for p in [os.path.join(dp, f) for dp, _, fs in os.walk(work) for f in fs]:  # warm the page cache
             with open(p, "rb") as f:
                 f.read()
-        cache = TaskCache()
-        t0 = time.perf_counter()
-        build_loader(index, cfg, epoch=0, cache=cache, **kw)  # fills the cache (one read of the tars)
-        fill_s = time.perf_counter() - t0
-
-        variants = {"imagefolder": lambda e: folder_loader(classic),
-                    "imagefolder_same": lambda e: folder_loader(build_transform(cfg, train=True)),
-                    "shards": lambda e: build_loader(index, cfg, epoch=e, **kw),
-                    "cached": lambda e: build_loader(index, cfg, epoch=e, cache=cache, **kw)}
+        torch.manual_seed(0)
         times: dict[str, list] = {k: [] for k in variants}
-        for rep in range(a.repeats):  # interleaved, so a burst of load from elsewhere hits all variants
+        for rep in range(a.repeats):  # interleaved: a burst of load from elsewhere hits every variant
             for k, make in variants.items():
-                times[k].append(time_epoch(make(rep + 1)))
-        runs = {k: sorted(v)[len(v) // 2] for k, v in times.items()}  # median epoch (time, images)
+                times[k].append(time_epoch(make(rep + 1), clock, sync))
+        stat = STATS[a.stat]
+        runs = {k: (stat([t for t, _ in v]), v[0][1]) for k, v in times.items()}
+        fid = fidelity(src, cfg, a.resized)
+        sizes: dict = {k: sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(work, d))
+                              for f in fs if f.endswith(".tar"))
+                       for k, d in [("original", "shards")] + [(f"resized{n}", f"shards{n}") for n in a.resized]}
+        jpeg_bytes = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(src, "train"))
+                         for f in fs)
+        sizes["jpeg_bits_per_px"] = 8 * jpeg_bytes / sum(w * h for w, h in dims)
 
     w = max(1, a.workers)
     rate = {k: n / t / w for k, (t, n) in runs.items()}
-    print(f"{a.images} JPEGs {size[0]}x{size[1]}, batch {a.batch}, {a.workers} worker(s), 224 px train transform")
+    longer = [max(d) for d in dims]
+    print(f"{a.images} JPEGs, longer side {min(longer)}-{max(longer)} px (mean {np.mean(longer):.0f}), noise +-{a.noise}, "
+          f"{sizes['jpeg_bits_per_px']:.2f} bits/px, batch {a.batch}, "
+          f"{a.workers} worker(s), {a.repeats} epochs per variant ({a.stat}), clock {a.clock}, "
+          f"{device_name('cpu')}; 224 px train transform")
     for k, v in rate.items():
-        print(f"  {k:17s} {v:8.1f} images/s per worker")
-    print(f"  cache fill        {fill_s:8.2f} s ({cache.nbytes / 2**20:.1f} MiB)")
-    result = {"images": a.images, "size": list(size), "workers": a.workers, "batch": a.batch, "repeats": a.repeats,
-              **{f"{k}_ips_per_worker": round(v, 1) for k, v in rate.items()},
-              "cache_fill_s": round(fill_s, 3),
-              "shards_over_imagefolder": round(rate["shards"] / rate["imagefolder"], 3),
-              "cached_over_imagefolder": round(rate["cached"] / rate["imagefolder"], 3),
-              "shards_over_imagefolder_same_transform": round(rate["shards"] / rate["imagefolder_same"], 3),
-              "cached_over_imagefolder_same_transform": round(rate["cached"] / rate["imagefolder_same"], 3)}
-    print(json.dumps(result))
+        print(f"  {k:18s} {v:8.1f} img/s per worker   x{v / rate['imagefolder']:.2f} vs imagefolder")
+    for k, v in fid.items():
+        print(f"  vs reference, {k}: mean |diff| {v['mean_abs_diff']}, sharpness ratio {v['sharpness_ratio']}")
+    print("  shard MiB: " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sizes.items() if k != "jpeg_bits_per_px"))
+    result = {"bench": "data_throughput", "device": a.device if a.device == "cpu" else device_name(a.device),
+              "images": a.images, "longer_side": [min(longer), max(longer)], "noise": a.noise,
+              "jpeg_bits_per_px": round(sizes.pop("jpeg_bits_per_px"), 2), "workers": a.workers, "batch": a.batch,
+              "repeats": a.repeats, "stat": a.stat, "clock": a.clock,
+              "ips_per_worker": {k: round(v, 1) for k, v in rate.items()},
+              **{f"{k}_over_imagefolder": round(v / rate["imagefolder"], 3) for k, v in rate.items()
+                 if k != "imagefolder"},
+              "shard_mib": {k: round(v / 2**20, 1) for k, v in sizes.items()}, "fidelity": fid}
+    line = json.dumps(result)
+    print(line)
+    if a.out_json:
+        with open(a.out_json, "w") as f:
+            f.write(line + "\n")
     return result
 
 
