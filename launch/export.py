@@ -2,8 +2,11 @@
 
     python launch/export.py --run runs/NAME --out exported/NAME
 
-Run from the folder the run was trained from (the run's config.json holds the backbone path as
-given then). Logic: sdlora_ds/export.py.
+Works from any directory: a relative backbone.path in the run's config.json (as given to training)
+is looked up in the folder training ran in (the run folder minus output_dir/name: for runs/NAME,
+the folder holding runs/), then in the current directory; the backbone fingerprint stored in
+final_model.pt confirms the weights. A mistake (no such run, backbone not found or changed) is one
+`error:` line, exit code 2. Logic: sdlora_ds/export.py.
 """
 import argparse
 import os

@@ -54,10 +54,44 @@ def save_final_model(path: str, model, cfg: RunConfig, class_order: list, class_
     os.replace(tmp, path)
 
 
+def training_dir(run_dir: str, cfg: RunConfig) -> Optional[str]:
+    """The folder training ran in, as the run folder's own path tells it: with a relative
+    output_dir, the run folder is <that folder>/<output_dir>/<name> (runs/NAME -> the folder
+    holding runs/). None when output_dir is absolute or the run folder does not end that way
+    (moved or renamed)."""
+    if os.path.isabs(cfg.output_dir):
+        return None
+    tail = os.path.normpath(os.path.join(cfg.output_dir, cfg.name)).split(os.sep)
+    run = os.path.normpath(os.path.abspath(run_dir)).split(os.sep)
+    if ".." in tail or len(run) <= len(tail) or run[-len(tail):] != tail:
+        return None
+    return os.sep.join(run[:-len(tail)]) or os.sep
+
+
+def resolve_backbone_path(run_dir: str, cfg: RunConfig) -> None:
+    """Make a relative backbone.path of a run's config absolute, for export from any directory.
+
+    Training took it from its current directory, so it is looked up in the folder training ran in
+    (`training_dir`), then in the current directory; the backbone fingerprint in final_model.pt then
+    confirms it holds the weights the run trained on. ValueError naming both places if neither has it."""
+    b = cfg.backbone
+    if b.source != "pretrained" or not b.path or os.path.isabs(b.path):
+        return
+    places = [d for d in (training_dir(run_dir, cfg), os.getcwd()) if d]
+    for d in places:
+        if os.path.exists(os.path.join(d, b.path)):
+            b.path = os.path.join(d, b.path)
+            return
+    raise ValueError(f"config field 'backbone.path' of {os.path.join(run_dir, 'config.json')!r}: {b.path!r} is "
+                     f"relative and found in none of {places} (the folder training ran in, then the current "
+                     f"directory); run export from the folder the run was trained from, or set an absolute "
+                     f"backbone.path in that config.json")
+
+
 def load_final_model(run_dir: str):
     """(model on the CPU in eval mode, RunConfig, payload) rebuilt from run_dir/config.json and
-    run_dir/final_model.pt. Relative paths in the config are taken from the current directory,
-    as in training."""
+    run_dir/final_model.pt. A relative backbone.path is resolved by `resolve_backbone_path` (the
+    folder training ran in, then the current directory), so export works from any directory."""
     from .model import build_model
     cfg_path, model_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, FINAL_MODEL)
     for p in (cfg_path, model_path):
@@ -65,6 +99,7 @@ def load_final_model(run_dir: str):
             raise ValueError(f"run folder {run_dir!r} has no {os.path.basename(p)}; give the folder of a "
                              "finished run (runs/NAME)")
     cfg = load_config(cfg_path)
+    resolve_backbone_path(run_dir, cfg)
     payload = torch.load(model_path, map_location="cpu", weights_only=True)
     if payload.get("format") != FORMAT:
         raise ValueError(f"{model_path!r} has format {payload.get('format')!r}, expected {FORMAT!r}")
