@@ -305,7 +305,9 @@ class PeerMonitor:
       main node, rank 0's, is gone);
     - as a watchdog, each rank also watches its successor on a ring (O(1) store traffic per rank): a
       successor silent for `timeout` seconds stops this rank with that message, whatever the
-      backend and wherever the main thread is waiting. A rank that finished says so first (done key)."""
+      backend and wherever the main thread is waiting. A rank that finished says so first (done key);
+    - the store itself going away (STORE_FAILURES heartbeats in a row fail: the main node's launcher
+      is gone) stops the rank too, naming the store's address, instead of ending the watch quietly."""
 
     def __init__(self, rank: int, world: int, interval: float = 1.0, timeout: Optional[float] = None):
         self.rank, self.world, self.interval, self.timeout = rank, world, interval, timeout

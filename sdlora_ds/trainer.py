@@ -122,7 +122,8 @@ class Trainer:
             self.print(note)
         log_resume = S.load_checkpoint(self, path) if path else None
         self.resumed_from = path
-        self.topologies.append(S.topology(self))
+        if self.position[0] < self.cfg.cil.num_tasks:  # a finished run re-run trains nothing: no new segment
+            self.topologies.append(S.topology(self))
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             S.write_json_atomic(os.path.join(self.run_dir, "config.json"), S.config_record(self.cfg, self.backbone))
