@@ -243,3 +243,14 @@ def test_pretrain_demo_backbone_threads_and_errors(tmp_path, index, monkeypatch,
     assert pretrain_demo_backbone.main(["--config", str(tmp_path / "bad.json")]) == 2
     errs = error_lines(capsys.readouterr().err)
     assert len(errs) == 1 and "python -m shards.imagenet_r" in errs[0], errs
+
+
+def test_a_good_run_through_run_py_on_two_processes(tmp_path, index):
+    """The success path of launch/run.py: exit 0, results written, no error line and no DDP
+    deprecation warning (DDP gets forward_sync_buffers=False, not broadcast_buffers)."""
+    cfg = write(tmp_path, index, cil={"num_classes": 10, "init_classes": 5, "increment": 5, "num_tasks": 2},
+                optim={"epochs": 1, "global_batch": 16, "lr": 0.05, "max_steps_per_epoch": 2})
+    rc, out = launch(["--config", cfg])
+    assert rc == 0 and not error_lines(out) and "Traceback" not in out, out
+    assert "broadcast_buffers" not in out, out
+    assert os.path.isfile(tmp_path / "runs" / "test" / "results.json")
