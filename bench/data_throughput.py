@@ -61,8 +61,9 @@ def make_jpegs(root: str, n: int, classes: int, sides: tuple[int, int], noise: i
         w, h = (short, long) if i % 3 == 0 else (long, short)
         d = os.path.join(root, "train", f"class{i % classes:03d}")
         os.makedirs(d, exist_ok=True)
-        small = Image.fromarray(rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-        arr = np.asarray(small).astype(np.int16) + rng.integers(-noise, noise + 1, (h, w, 3))
+        field = rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)
+        arr = np.asarray(Image.fromarray(field).resize((w, h), Image.BICUBIC)).astype(np.int16)
+        arr = arr + rng.integers(-noise, noise + 1, (h, w, 3))
         Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(os.path.join(d, f"img_{i:05d}.jpg"), quality=90)
         dims.append((w, h))
     for c in range(classes):  # the converter's pre-split layout needs a test folder too
@@ -188,8 +189,8 @@ def main(argv=None) -> dict:
     w = max(1, a.workers)
     rate = {k: n / t / w for k, (t, n) in runs.items()}
     longer = [max(d) for d in dims]
-    print(f"{a.images} JPEGs, longer side {min(longer)}-{max(longer)} px (mean {np.mean(longer):.0f}), noise +-{a.noise}, "
-          f"{sizes['jpeg_bits_per_px']:.2f} bits/px, batch {a.batch}, "
+    print(f"{a.images} JPEGs, longer side {min(longer)}-{max(longer)} px (mean {np.mean(longer):.0f}), "
+          f"noise +-{a.noise}, {sizes['jpeg_bits_per_px']:.2f} bits/px, batch {a.batch}, "
           f"{a.workers} worker(s), {a.repeats} epochs per variant ({a.stat}), clock {a.clock}, "
           f"{device_name('cpu')}; 224 px train transform")
     for k, v in rate.items():

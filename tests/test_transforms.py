@@ -188,7 +188,8 @@ def test_jpeg_size_from_frame_header():
     img = rgb(123, 45)
     exif = Image.Exif()
     exif[0x0112] = 1  # an APP1 segment before the frame header
-    for kw in ({}, {"progressive": True}, {"exif": exif, "icc_profile": b"\0" * 3000}, {"quality": 50, "subsampling": 0}):
+    for kw in ({}, {"progressive": True}, {"exif": exif, "icc_profile": b"\0" * 3000},
+               {"quality": 50, "subsampling": 0}):
         buf = io.BytesIO()
         img.save(buf, format="JPEG", **kw)
         assert jpeg_size(buf.getvalue()) == (123, 45), kw
