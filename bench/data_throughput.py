@@ -102,6 +102,35 @@ def fidelity(src: str, cfg, resized: list[int], n: int = 32) -> dict:
     return out
 
 
+def decode_costs(src: str, clock, n: int = 64, rounds: int = 3) -> dict:
+    """ms per image of the bare decoders on n of the JPEGs (min over rounds): PIL full, PIL at DCT
+    scale 1/2 and 1/8 (at 1/8 the inverse DCT and colour work almost vanish: what is left is
+    mostly entropy decoding, which no scaling removes), torchvision.io.decode_jpeg full."""
+    import io
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(src, "train")) for f in fs)[:n]
+    datas = [open(p, "rb").read() for p in files]
+
+    def pil(k):
+        def f(d):
+            img = Image.open(io.BytesIO(d))
+            if k > 1:
+                img.draft("RGB", (img.size[0] // k, img.size[1] // k))
+            img.load()
+        return f
+    fns = {"pil_full": pil(1), "pil_scale_1/2": pil(2), "pil_scale_1/8": pil(8),
+           "torchvision_full": lambda d: decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8))}
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = clock()
+            for d in datas:
+                f(d)
+            best[k] = min(best[k], (clock() - t0) / len(datas) * 1e3)
+    return {k: round(v, 3) for k, v in best.items()}
+
+
 def time_epoch(loader, clock, sync) -> tuple[float, int]:
     t0, n = clock(), 0
     for x, _ in loader:
@@ -179,6 +208,7 @@ def main(argv=None) -> dict:
         stat = STATS[a.stat]
         runs = {k: (stat([t for t, _ in v]), v[0][1]) for k, v in times.items()}
         fid = fidelity(src, cfg, a.resized)
+        dec = decode_costs(src, clock)
         sizes: dict = {k: sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(work, d))
                               for f in fs if f.endswith(".tar"))
                        for k, d in [("original", "shards")] + [(f"resized{n}", f"shards{n}") for n in a.resized]}
@@ -195,6 +225,7 @@ def main(argv=None) -> dict:
           f"{device_name('cpu')}; 224 px train transform")
     for k, v in rate.items():
         print(f"  {k:18s} {v:8.1f} img/s per worker   x{v / rate['imagefolder']:.2f} vs imagefolder")
+    print("  bare decode, ms per image: " + ", ".join(f"{k} {v}" for k, v in dec.items()))
     for k, v in fid.items():
         print(f"  vs reference, {k}: mean |diff| {v['mean_abs_diff']}, sharpness ratio {v['sharpness_ratio']}")
     print("  shard MiB: " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sizes.items() if k != "jpeg_bits_per_px"))
@@ -205,7 +236,8 @@ def main(argv=None) -> dict:
               "ips_per_worker": {k: round(v, 1) for k, v in rate.items()},
               **{f"{k}_over_imagefolder": round(v / rate["imagefolder"], 3) for k, v in rate.items()
                  if k != "imagefolder"},
-              "shard_mib": {k: round(v / 2**20, 1) for k, v in sizes.items()}, "fidelity": fid}
+              "shard_mib": {k: round(v / 2**20, 1) for k, v in sizes.items()}, "fidelity": fid,
+              "decode_ms": dec}
     line = json.dumps(result)
     print(line)
     if a.out_json:
