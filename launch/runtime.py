@@ -2,10 +2,12 @@
 
 - `report_error`: a user mistake is ONE line, `error: ...`, printed by the first process of each
   node (on one machine: once, by rank 0); every process exits with code 2.
-- `cpu_threads` / `set_cpu_threads`: intra-op threads per process = usable CPUs / processes on
-  this machine, unless OMP_NUM_THREADS says otherwise. torch's default (every core in every
-  process) oversubscribes the CPU as soon as two processes share a machine, and on a machine that
-  other jobs keep busy the threads of one process wait on each other at every parallel region.
+- `cpu_threads` / `set_cpu_threads`: intra-op threads per process = the CPUs other work leaves
+  free (usable CPUs minus the 1-minute load average, at least 1) / processes on this machine,
+  unless OMP_NUM_THREADS says otherwise. torch's default (every core in every process)
+  oversubscribes the CPU as soon as two processes share a machine, and on a machine that other
+  jobs keep busy the threads of one process wait for each other at every parallel region (a
+  descheduled thread holds up the rest); one thread then beats several.
 - `deepspeed_build_note`: DeepSpeed on CPU compiles a C++ extension (its shared-memory
   communication op) the first time it starts, silently, for minutes; say so before it starts.
 """
@@ -68,15 +70,27 @@ def usable_cpus() -> int:
     return max(1, n)
 
 
-def cpu_threads(local_processes: int = 1, environ: Optional[dict] = None) -> tuple[int, str]:
-    """(threads per process, where the number comes from). OMP_NUM_THREADS wins when set to a
-    positive integer; otherwise usable CPUs // processes on this machine (at least 1)."""
+def load_average() -> float:
+    """Runnable processes, 1-minute average (0 where the system does not say)."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def cpu_threads(local_processes: int = 1, environ: Optional[dict] = None,
+                load: Optional[float] = None) -> tuple[int, str]:
+    """(threads per process, how the number was found). OMP_NUM_THREADS wins when set to a
+    positive integer; otherwise free CPUs // processes on this machine, at least 1, where free
+    CPUs = usable CPUs minus the load average (`load`, default: the current one), at least 1."""
     env = os.environ if environ is None else environ
     given = env.get("OMP_NUM_THREADS", "").strip()
     if given.isdigit() and int(given) > 0:
         return int(given), "OMP_NUM_THREADS"
-    cpus = usable_cpus()
-    return max(1, cpus // max(1, local_processes)), f"{cpus} usable CPUs / {max(1, local_processes)} process(es)"
+    cpus, procs = usable_cpus(), max(1, local_processes)
+    load = load_average() if load is None else load
+    free = max(1, min(cpus, int(cpus - load + 0.5)))
+    return max(1, free // procs), f"{cpus} usable CPUs, load {load:.1f}: {free} free / {procs} process(es)"
 
 
 def set_cpu_threads(local_processes: int = 1) -> int:
