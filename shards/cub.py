@@ -22,8 +22,8 @@ import argparse
 import os
 
 from shards.imagefolder import DEFAULT_MAX_PER_SHARD, encode_file
-from shards.listed import (FEW_IMAGES, list_provenance, parse_pairs, report_classes, require_files,
-                           require_nonempty, samples_by_folder)
+from shards.listed import (FEW_IMAGES, add_output_args, list_provenance, parse_pairs, report_classes,
+                           require_files, require_nonempty, samples_by_folder)
 from shards.writer import finish_conversion
 
 NUM_CLASSES = 200
@@ -76,11 +76,7 @@ def cub_samples(src: str, num_classes: int = NUM_CLASSES):
                          f"their folder: {'; '.join(wrong[:3])}; restore the official list files")
     require_files(os.path.join(src, "images"), [rel for items in by_split.values() for _, rel in items],
                   "images.txt")
-    counts = {sp: [0] * len(names) for sp in by_split}
-    for sp, items in by_split.items():
-        for c, _ in items:
-            counts[sp][c] += 1
-    require_nonempty(names, counts, os.path.join(src, "images.txt"))
+    require_nonempty(names, by_split, os.path.join(src, "images.txt"))
     return names, by_split
 
 
@@ -106,12 +102,7 @@ def convert_cub(src: str, out: str, *, resize_shorter=None, workers: int = 1,
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", required=True, help="the extracted CUB_200_2011 folder")
-    ap.add_argument("--out", required=True, help="output folder (shards + index.json)")
-    ap.add_argument("--resize-shorter", type=int, default=None, help="shrink the shorter side to N pixels")
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="processes")
-    ap.add_argument("--max-per-shard", type=int, default=DEFAULT_MAX_PER_SHARD, help="samples per shard")
-    ap.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="classes expected (200)")
-    ap.add_argument("--few", type=int, default=FEW_IMAGES, help="report classes with fewer images than this")
+    add_output_args(ap, NUM_CLASSES)
     a = ap.parse_args(argv)
     print(convert_cub(a.src, a.out, resize_shorter=a.resize_shorter, workers=a.workers,
                       max_per_shard=a.max_per_shard, num_classes=a.num_classes, few=a.few))

@@ -24,8 +24,8 @@ import os
 from typing import Optional, Sequence
 
 from shards.imagefolder import DEFAULT_MAX_PER_SHARD, encode_file
-from shards.listed import (FEW_IMAGES, list_provenance, parse_pairs, report_classes, require_files,
-                           require_nonempty, samples_by_folder)
+from shards.listed import (FEW_IMAGES, add_output_args, list_provenance, parse_pairs, report_classes,
+                           require_files, require_nonempty, samples_by_folder)
 from shards.writer import finish_conversion
 
 NUM_CLASSES = 345
@@ -90,11 +90,7 @@ def domainnet_samples(src: str, lists: dict[str, list[str]], num_classes: int = 
     for split, files in lists.items():
         require_files(src, [rel for _, rel in by_split[split]], ", ".join(os.path.basename(f) for f in files))
     names = [folder_of[c][0] if c in folder_of else f"<label {c}>" for c in range(num_classes)]
-    counts = {sp: [0] * num_classes for sp in by_split}
-    for sp, items in by_split.items():
-        for c, _ in items:
-            counts[sp][c] += 1
-    require_nonempty(names, counts, "the list files")
+    require_nonempty(names, by_split, "the list files")
     return names, by_split, domains
 
 
@@ -125,14 +121,9 @@ def convert_domainnet(src: str, out: str, *, train_lists: Optional[Sequence[str]
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--src", required=True, help="folder with the domain folders and the list files")
-    ap.add_argument("--out", required=True, help="output folder (shards + index.json)")
     ap.add_argument("--train-lists", nargs="+", default=None, help="train list files (default: --src/*_train.txt)")
     ap.add_argument("--test-lists", nargs="+", default=None, help="test list files (default: --src/*_test.txt)")
-    ap.add_argument("--resize-shorter", type=int, default=None, help="shrink the shorter side to N pixels")
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="processes")
-    ap.add_argument("--max-per-shard", type=int, default=DEFAULT_MAX_PER_SHARD, help="samples per shard")
-    ap.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="labels expected (345)")
-    ap.add_argument("--few", type=int, default=FEW_IMAGES, help="report classes with fewer images than this")
+    add_output_args(ap, NUM_CLASSES)
     a = ap.parse_args(argv)
     print(convert_domainnet(a.src, a.out, train_lists=a.train_lists, test_lists=a.test_lists,
                             resize_shorter=a.resize_shorter, workers=a.workers, max_per_shard=a.max_per_shard,

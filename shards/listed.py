@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from shards.imagefolder import _specs  # private in imagefolder.py: shared key + fingerprint rules
+from shards.imagefolder import DEFAULT_MAX_PER_SHARD, _specs  # _specs: private there; its key + fingerprint rules
 from shards.writer import SampleSpec, atomic_write_json, sha256_file
 
 FEW_IMAGES = 5  # a class with fewer images than this in a split is named in the report
@@ -34,12 +34,24 @@ def require_files(root: str, rel_paths: Sequence[str], listed_in: str) -> None:
                          f"restore them (re-extract the archive) or point --src at the folder that holds them")
 
 
-def require_nonempty(class_names: Sequence[str], counts: dict[str, list[int]], source: str) -> None:
-    """ValueError when a class has no image in any split (it could never be trained or tested)."""
-    empty = [f"{c} ({class_names[c]})" for c in range(len(class_names)) if not any(n[c] for n in counts.values())]
+def require_nonempty(class_names: Sequence[str], by_split: dict[str, list[tuple[int, str]]], source: str) -> None:
+    """ValueError when a class has no image in any split (it could never be trained or tested).
+    by_split: {split: [(class id, path)]}."""
+    seen = {c for items in by_split.values() for c, _ in items}
+    empty = [f"{c} ({class_names[c]})" for c in range(len(class_names)) if c not in seen]
     if empty:
         raise ValueError(f"{len(empty)} class(es) of {source} have no image in any split: {', '.join(empty[:5])}; "
                          f"the dataset copy is incomplete: restore those classes' images")
+
+
+def add_output_args(ap, num_classes: int) -> None:
+    """The command-line options the list-file converters share (after their own --src)."""
+    ap.add_argument("--out", required=True, help="output folder (shards + index.json)")
+    ap.add_argument("--resize-shorter", type=int, default=None, help="shrink the shorter side to N pixels")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="processes")
+    ap.add_argument("--max-per-shard", type=int, default=DEFAULT_MAX_PER_SHARD, help="samples per shard")
+    ap.add_argument("--num-classes", type=int, default=num_classes, help=f"classes expected ({num_classes})")
+    ap.add_argument("--few", type=int, default=FEW_IMAGES, help="report classes with fewer images than this")
 
 
 def samples_by_folder(src: str, root: str, split: str, items: Sequence[tuple[int, str]],
