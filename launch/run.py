@@ -99,6 +99,9 @@ def _failure_code(e: BaseException):
 def main(argv=None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     args = launch_command_parser().parse_args(argv)
+    if args.config_file and not os.path.isfile(args.config_file):
+        return runtime.report_error(ValueError(f"--config_file {args.config_file!r} does not exist; use one of "
+                                               f"launch/accelerate_*.yaml (run from the repository root)"))
     code = preflight(args)
     if code:
         return code

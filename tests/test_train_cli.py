@@ -79,6 +79,10 @@ def test_user_mistakes_before_the_workers_start_are_one_line(tmp_path, index):
         rc, out = launch(["--config", cfg, *extra])
         assert_one_error(rc, out, *patterns)
         assert not os.path.exists(tmp_path / "runs" / "test" / "checkpoints")  # nothing ran
+    r = subprocess.run([PY, os.path.join(LAUNCH, "run.py"), "--config_file", "launch/nope.yaml",
+                        os.path.join(LAUNCH, "train.py"), "--config", write(tmp_path, index)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert_one_error(r.returncode, r.stdout + r.stderr, "--config_file 'launch/nope.yaml' does not exist")
 
 
 def test_plain_accelerate_launch_prints_the_error_once(tmp_path, index):
