@@ -16,9 +16,11 @@ class folder is an error (remove it if the class really has no images in that sp
 from __future__ import annotations
 
 import argparse
+import sys
 
 from shards.imagefolder import DEFAULT_MAX_PER_SHARD, add_common_args, convert_folder
 from shards.listed import FEW_IMAGES, report_classes
+from shards.writer import run_cli
 
 NUM_CLASSES = 200
 REFERENCE_TEST_IMAGES = 1519  # the authors' logs (pre-split copy)
@@ -26,27 +28,29 @@ REFERENCE_TEST_IMAGES = 1519  # the authors' logs (pre-split copy)
 
 def convert_imagenet_a(src: str, out: str, *, seed: int = 0, test_fraction: float = 0.2, resize_shorter=None,
                        workers: int = 1, max_per_shard: int = DEFAULT_MAX_PER_SHARD, progress: bool = True,
-                       num_classes: int = NUM_CLASSES, few: int = FEW_IMAGES) -> str:
-    """Returns the index.json path. num_classes: the class folders expected (200; tests use fewer)."""
+                       num_classes: int = NUM_CLASSES, few: int = FEW_IMAGES, skip_bad: bool = False) -> str:
+    """Returns the index.json path. num_classes: the class folders expected (200; tests use fewer).
+    skip_bad: leave corrupt/unreadable images out (listed in the index) instead of stopping."""
     # the ImageNet-R conversion (shards.imagenet_r is this call with dataset "imagenet-r")
     path = convert_folder(src, out, dataset="imagenet-a", seed=seed, test_fraction=test_fraction,
                           resize_shorter=resize_shorter, workers=workers, max_per_shard=max_per_shard,
-                          progress=progress, converter="shards.imagenet_a", expect_classes=num_classes)
+                          progress=progress, converter="shards.imagenet_a", expect_classes=num_classes,
+                          skip_bad=skip_bad)
     reference = {"test": REFERENCE_TEST_IMAGES} if num_classes == NUM_CLASSES else None
     report_classes(path, few=few, reference=reference)
     return path
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--num-classes", type=int, default=NUM_CLASSES, help="class folders expected (200)")
     ap.add_argument("--few", type=int, default=FEW_IMAGES, help="report classes with fewer images than this")
     a = ap.parse_args(argv)
-    print(convert_imagenet_a(a.src, a.out, seed=a.seed, test_fraction=a.test_fraction,
-                             resize_shorter=a.resize_shorter, workers=a.workers, max_per_shard=a.max_per_shard,
-                             num_classes=a.num_classes, few=a.few))
+    return run_cli(lambda: print(convert_imagenet_a(
+        a.src, a.out, seed=a.seed, test_fraction=a.test_fraction, resize_shorter=a.resize_shorter, workers=a.workers,
+        max_per_shard=a.max_per_shard, num_classes=a.num_classes, few=a.few, skip_bad=a.skip_bad)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
