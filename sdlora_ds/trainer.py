@@ -31,13 +31,13 @@ from .checkpoint import Checkpoints
 from .cil import TaskSchedule
 from .config import RunConfig
 from .data import ShardIndex, build_loader
-from .distributed import (ParentWatch, PeerMonitor, broadcast_object, configure_deepspeed_batch, gathered,
-                          held_elements, make_accelerator, merged_eval, sum_across_ranks, under_launcher,
-                          uses_deepspeed, zero_stage)
+from .distributed import (ParentWatch, PeerMonitor, configure_deepspeed_batch, gathered, held_elements,
+                          make_accelerator, merged_eval, sum_across_ranks, under_launcher, uses_deepspeed,
+                          zero_stage)
 from .export import FINAL_MODEL, save_final_model
 from .logger import MetricLogger, flatten
 from .model import build_model
-from .runlock import RunLock, RunLockError
+from .runlock import RunLock, lock_run_folder
 from . import trainer_state as S
 
 
@@ -96,22 +96,8 @@ class Trainer:
         self.ckpt = Checkpoints(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints, self.acc)
 
     def _take_lock(self) -> Optional[RunLock]:
-        """Global rank 0 locks the run folder (multi-node runs share output_dir); every rank learns
-        the outcome, so all stop alike when another trainer holds it."""
-        lock, answer = None, ("ok", [])
-        if self.is_main:
-            lock = RunLock(self.run_dir)
-            try:
-                answer = ("ok", lock.acquire())
-            except RunLockError as e:
-                answer = ("error", str(e))
-            except OSError as e:
-                answer = ("error", f"config field 'output_dir': cannot write the run folder {self.run_dir!r} "
-                                   f"({e.strerror or e}); choose a writable folder")
-        answer = broadcast_object(self.acc, answer)
-        if answer[0] == "error":
-            raise RunLockError(answer[1])
-        for note in answer[1]:
+        lock, notes = lock_run_folder(self.acc, self.run_dir)  # RunLockError on every rank if held
+        for note in notes:
             self.print(note)
         return lock
 
