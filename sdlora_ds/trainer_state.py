@@ -49,17 +49,11 @@ RESUME_MAY_DIFFER = {"name", "output_dir", "backbone.path", "backbone.weights_na
 # ---------------------------------------------------------------------- what a run records about itself
 def backbone_record(model, cfg) -> dict:
     """The backbone the run really uses, read from the loaded model (not the config's arch fields,
-    which a pretrained backbone ignores): model_backbone.describe_backbone plus the MLP width and
-    where the weights came from."""
+    which a pretrained backbone ignores): model/backbone.py's describe_backbone, plus the MLP width,
+    the LayerNorm epsilon and where the weights came from."""
+    from .model.backbone import describe_backbone
     bb, c = model.backbone, model.backbone.config
-    try:
-        from .model.backbone import describe_backbone
-        rec = describe_backbone(bb)
-    except ImportError:  # a backbone module without it: the same facts, read here
-        rec = {"arch": c.model_type, "class": type(bb).__name__, "hidden_size": c.hidden_size,
-               "num_layers": c.num_hidden_layers, "num_heads": c.num_attention_heads, "patch_size": c.patch_size,
-               "image_size": c.image_size,
-               "num_parameters": int(sum(getattr(p, "ds_numel", p.numel()) for p in bb.parameters()))}
+    rec = describe_backbone(bb)
     mlp = getattr(c, "intermediate_size", None) or int(round(getattr(c, "mlp_ratio", 0) * c.hidden_size))
     rec.update(mlp_size=int(mlp), layer_norm_eps=float(c.layer_norm_eps), source=cfg.backbone.source,
                path=cfg.backbone.path, weights_name=cfg.backbone.weights_name)
@@ -74,10 +68,8 @@ def config_record(cfg, backbone: dict) -> dict:
     b = d["backbone"]
     for key in ("hidden_size", "num_layers", "num_heads", "mlp_size", "patch_size", "image_size", "layer_norm_eps"):
         b[key] = backbone[key]
-    if "arch" in b:
-        b["arch"] = backbone["arch"]
-    if "num_register_tokens" in b and backbone.get("num_register_tokens"):
-        b["num_register_tokens"] = backbone["num_register_tokens"]
+    b["arch"] = backbone["arch"]
+    b["num_register_tokens"] = backbone.get("num_register_tokens", 0)  # 0: an architecture without registers
     return d
 
 
