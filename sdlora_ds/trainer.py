@@ -35,6 +35,7 @@ from .distributed import (ParentWatch, PeerMonitor, configure_deepspeed_batch, g
                           make_accelerator, merged_eval, sum_across_ranks, under_launcher, uses_deepspeed,
                           zero_stage)
 from .export import FINAL_MODEL, save_final_model
+from .kernels import selfcheck
 from .logger import MetricLogger, flatten
 from .model import build_model
 from .runlock import RunLock, lock_run_folder
@@ -373,7 +374,7 @@ class Trainer:
                    "world_size": self.world, "global_batch": self.cfg.optim.global_batch, "micro_batch": self.micro,
                    "grad_accum": self.accum, "zero_stage": self.stage, "mixed_precision": str(self.acc.mixed_precision),
                    "topologies": self.topologies, "task_seconds": self.task_times, "events": self.model.events,
-                   "loss_log": self.loss_log, "config": config}
+                   "kernel_selfcheck": selfcheck.results(), "loss_log": self.loss_log, "config": config}
         final_model = S.plain_model(self)  # collective under ZeRO-3; None on ranks other than 0 there
         if self.is_main:
             path = os.path.join(self.run_dir, "results.json")

@@ -260,3 +260,18 @@ def test_a_good_run_through_run_py_on_two_processes(tmp_path, index):
     assert rc == 0 and not error_lines(out) and "Traceback" not in out, out
     assert "broadcast_buffers" not in out, out
     assert os.path.isfile(tmp_path / "runs" / "test" / "results.json")
+
+
+def test_a_failed_kernel_self_check_is_one_line(tmp_path, index, capsys, monkeypatch):
+    """The Triton guard (sdlora_ds/kernels/selfcheck.py) raises during training: one line, exit 2."""
+    from sdlora_ds.kernels.selfcheck import KernelSelfCheckError
+    from sdlora_ds.trainer import Trainer
+    msg = "kernel self-check failed: adapter.impl='triton' disagrees with the reference (test)"
+
+    def fail(self):
+        raise KernelSelfCheckError(msg)
+    monkeypatch.setattr(Trainer, "run", fail)
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):  # one process without a launcher: rank 0 reports
+        monkeypatch.delenv(var, raising=False)
+    assert train.main(["--config", write(tmp_path, index)]) == 2
+    assert error_lines(capsys.readouterr().err) == [f"error: {msg}"]

@@ -86,6 +86,8 @@ def test_in_process_run_learns(digits, tmp_path):
     res = Trainer(config_from_dict(raw)).run()
     run_dir = os.path.join(tmp_path, "inproc")
     disk = check_results(run_dir)
+    # the kernel self-check record: empty on CPU (it guards the Triton path on CUDA only)
+    assert disk["kernel_selfcheck"] == []
     assert disk["acc_matrix"] == res["acc_matrix"]
     # results.json, config.json and hparams name the backbone the run loaded, not the unused defaults
     loaded = ViTModel.from_pretrained(digits[1], add_pooling_layer=False)
