@@ -33,10 +33,10 @@ FORMAT = "sdlora-ds-final/1"
 
 # ------------------------------------------------------------------ the run's final model file
 def _fingerprint(model) -> list:
-    """Per-tensor float64 sums of the pretrained backbone weights (summed on the CPU: deterministic),
-    to catch a backbone file that changed between training and export."""
-    sd = model.state_dict()
-    return [float(sd[k].detach().cpu().double().sum()) for k in sorted(model.pretrained_keys)]
+    """The trainer's backbone fingerprint (per-tensor sha256), to catch a backbone file that changed
+    between training and export."""
+    from .trainer_state import backbone_fingerprint
+    return backbone_fingerprint(model)
 
 
 def save_final_model(path: str, model, cfg: RunConfig, class_order: list, class_names: list) -> None:
@@ -112,7 +112,8 @@ def load_final_model(run_dir: str):
         if unexpected or set(missing) != set(model.pretrained_keys):
             raise ValueError(f"{model_path!r} does not match the model built from {cfg_path!r}: missing "
                              f"{sorted(set(missing) - model.pretrained_keys)[:4]}, unexpected {sorted(unexpected)[:4]}")
-        if _fingerprint(model) != payload["backbone_fingerprint"]:
+        from .trainer_state import fingerprint_matches
+        if not fingerprint_matches(payload["backbone_fingerprint"], _fingerprint(model), model):
             raise ValueError(f"config field 'backbone.path': {cfg.backbone.path!r} does not hold the weights the "
                              f"run was trained on (fingerprint mismatch); export with the original backbone file")
     return model.eval(), cfg, payload

@@ -36,6 +36,7 @@ import torch
 from .checkpoint import CheckpointError, checkpoint_name, rank_file, read_manifest, write_json, write_torch
 from .config import config_to_dict
 from .distributed import gathered, is_partitioned, plain_construction
+from .fileio import tensor_sha256
 from .logger import flatten
 
 # Config fields a resumed run may change: where things are and how often to log or save; nothing
@@ -81,8 +82,23 @@ def topology(trainer) -> dict:
             "mixed_precision": str(trainer.acc.mixed_precision)}
 
 
+def fingerprint_matches(saved: list, current: list, model) -> bool:
+    """Does a saved fingerprint describe `model`'s backbone? `current` = backbone_fingerprint(model).
+    Files written before the sha256 fingerprints hold float64 sums, whose last digits depend on the
+    thread count: those are compared to a relative 1e-9 (a changed backbone moves them far more)."""
+    if saved and isinstance(saved[0], float):
+        tensors = dict(model.named_parameters())
+        tensors.update(model.named_buffers())
+        sums = []
+        for k in sorted(model.pretrained_keys):
+            with gathered([tensors[k]]):
+                sums.append(float(tensors[k].detach().cpu().double().sum()))
+        return len(sums) == len(saved) and all(abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in zip(sums, saved))
+    return saved == current
+
+
 def backbone_fingerprint(model) -> list:
-    """float64 sum of every pretrained tensor (on the CPU: deterministic). Under ZeRO-3 the backbone
+    """sha256 of every pretrained tensor's bytes (fileio.tensor_sha256). Under ZeRO-3 the backbone
     may be partitioned from construction on (transformers builds it inside zero.Init): each tensor is
     gathered in turn (collective; one tensor at a time, never the whole backbone)."""
     tensors = dict(model.named_parameters())
@@ -90,7 +106,7 @@ def backbone_fingerprint(model) -> list:
     out = []
     for k in sorted(model.pretrained_keys):
         with gathered([tensors[k]]):
-            out.append(float(tensors[k].detach().cpu().double().sum()))
+            out.append(tensor_sha256(tensors[k]))
     return out
 
 
@@ -202,7 +218,7 @@ def load_checkpoint(trainer, path: str) -> tuple:
                               f"this launch resolves {trainer.acc.mixed_precision!r}; relaunch with the same "
                               f"accelerate config or set dist.mixed_precision={state['mixed_precision']!r}")
     payload = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
-    if payload["backbone_fingerprint"] != trainer.fingerprint:
+    if not fingerprint_matches(payload["backbone_fingerprint"], trainer.fingerprint, trainer.model):
         raise CheckpointError(f"config field 'backbone.path': {trainer.cfg.backbone.path!r} does not hold the weights "
                               f"checkpoint {path!r} was trained on (fingerprint mismatch); use the original backbone")
     saved_world, kind = man["world_size"], man["optimizer_state"]

@@ -1,0 +1,37 @@
+"""Split a finished run's errors into within-task and between-task ones (task-aware accuracy):
+
+    python launch/diagnose.py --run runs/NAME [--json out.json]
+
+Run from the folder training ran in (the config's data.index is read as given). Logic:
+sdlora_ds/diagnose.py. Task-aware accuracy uses the true task id: a diagnostic, not a CIL result.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sdlora_ds.diagnose import diagnose_run, format_diagnosis  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="task-aware vs task-agnostic accuracy of a finished run")
+    parser.add_argument("--run", required=True, help="run folder (runs/NAME) with config.json and final_model.pt")
+    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    parser.add_argument("--batch", type=int, default=100)
+    args = parser.parse_args(argv)
+    try:
+        d = diagnose_run(args.run, batch_size=args.batch)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_diagnosis(d))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(d, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
