@@ -3,7 +3,8 @@
 The demo stands in for ImageNet-pretrained ViT-B/16: this script trains a small ViT on a split of the
 digits that is disjoint from the continual-learning train and test splits, then saves it with
 `save_pretrained` so that the demo config loads it through the same local-folder path as real weights.
-It uses this machine's usable CPUs as threads (OMP_NUM_THREADS overrides; launch/runtime.py).
+It runs on one thread, always, so that the backbone is the same on every machine load
+(the thread count changes the order of float reductions).
 
     python launch/pretrain_demo_backbone.py --config configs/demo_digits.json
 """
@@ -43,7 +44,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         return runtime.report_error(e)
     out = cfg.backbone.path
-    threads = runtime.set_cpu_threads(1)  # one process: this machine's usable CPUs, or OMP_NUM_THREADS
+    # Always one thread: CPU reductions change their summation order with the thread count, so a
+    # load-dependent count gave another backbone (and other demo numbers) on a busy machine.
+    threads = 1
+    torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     if args.split not in index.splits:
         print(f"error: index {cfg.data.index} has no split {args.split!r} (has {index.splits}); "

@@ -235,11 +235,15 @@ def test_pretrain_demo_backbone_threads_and_errors(tmp_path, index, monkeypatch,
     raw = tiny_config_dict(index=index, backbone={"source": "pretrained", "path": str(tmp_path / "bb")})
     (tmp_path / "pre.json").write_text(json.dumps(raw))
     before = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # ignored: the backbone must not depend on the thread count
+    args = ["--hidden", "16", "--layers", "1", "--heads", "2", "--epochs", "1"]
     try:
-        assert pretrain_demo_backbone.main(["--config", str(tmp_path / "pre.json"), "--hidden", "16", "--layers",
-                                            "1", "--heads", "2", "--epochs", "1"]) == 0
+        assert pretrain_demo_backbone.main(["--config", str(tmp_path / "pre.json"), *args]) == 0
         assert torch.get_num_threads() == 1
+        first = (tmp_path / "bb" / "model.safetensors").read_bytes()
+        torch.set_num_threads(2)
+        assert pretrain_demo_backbone.main(["--config", str(tmp_path / "pre.json"), *args]) == 0
+        assert (tmp_path / "bb" / "model.safetensors").read_bytes() == first
     finally:
         torch.set_num_threads(before)
     capsys.readouterr()
