@@ -19,6 +19,18 @@ class ConfigError(ValueError):
     """A user mistake in a config file or override (a ValueError, as every user error here)."""
 
 
+def where(path: str) -> str:
+    """' (relative to the current directory ...)' for a relative path, '' for an absolute one."""
+    return "" if os.path.isabs(path) else f" (relative to the current directory {os.getcwd()!r})"
+
+
+def missing_backbone_path(path: str) -> ConfigError:
+    """The error for a backbone.path that does not exist (preflight and the backbone loader)."""
+    return ConfigError(f"config field 'backbone.path': {path!r} does not exist{where(path)}; point it at a local "
+                       "transformers ViT/DINOv2 folder or a .safetensors file (nothing is downloaded; for the demo "
+                       "run `python launch/pretrain_demo_backbone.py` first)")
+
+
 def _fail(path: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"config field '{path}': got {value!r}; {allowed}")
 

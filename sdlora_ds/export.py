@@ -26,19 +26,13 @@ from typing import Optional
 import torch
 
 from .config import DataConfig, RunConfig, load_config
+from .trainer_state import backbone_fingerprint, fingerprint_matches
 
 FINAL_MODEL = "final_model.pt"
 FORMAT = "sdlora-ds-final/1"
 
 
 # ------------------------------------------------------------------ the run's final model file
-def _fingerprint(model) -> list:
-    """The trainer's backbone fingerprint (per-tensor sha256), to catch a backbone file that changed
-    between training and export."""
-    from .trainer_state import backbone_fingerprint
-    return backbone_fingerprint(model)
-
-
 def save_final_model(path: str, model, cfg: RunConfig, class_order: list, class_names: list) -> None:
     """Write what export (or a later evaluation) needs to rebuild `model` (call on rank 0).
     class_names: the shard index's names by class id. A backbone built from the config (random
@@ -46,7 +40,7 @@ def save_final_model(path: str, model, cfg: RunConfig, class_order: list, class_
     full = cfg.backbone.source == "config"
     payload = {"format": FORMAT, "method": cfg.method, "structure": model.structure(),
                "state": model.state_dict() if full else model.adapter_state_dict(), "full_state": full,
-               "backbone_fingerprint": None if full else _fingerprint(model),
+               "backbone_fingerprint": None if full else backbone_fingerprint(model),
                "class_order": list(class_order), "class_names": [class_names[c] for c in class_order]}
     payload["state"] = {k: v.detach().cpu() for k, v in payload["state"].items()}
     tmp = f"{path}.tmp"
@@ -112,8 +106,7 @@ def load_final_model(run_dir: str):
         if unexpected or set(missing) != set(model.pretrained_keys):
             raise ValueError(f"{model_path!r} does not match the model built from {cfg_path!r}: missing "
                              f"{sorted(set(missing) - model.pretrained_keys)[:4]}, unexpected {sorted(unexpected)[:4]}")
-        from .trainer_state import fingerprint_matches
-        if not fingerprint_matches(payload["backbone_fingerprint"], _fingerprint(model), model):
+        if not fingerprint_matches(payload["backbone_fingerprint"], backbone_fingerprint(model), model):
             raise ValueError(f"config field 'backbone.path': {cfg.backbone.path!r} does not hold the weights the "
                              f"run was trained on (fingerprint mismatch); export with the original backbone file")
     return model.eval(), cfg, payload

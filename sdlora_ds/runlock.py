@@ -47,7 +47,8 @@ def _proc_start(pid: int) -> Optional[str]:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` alive on this host (signal 0; shards/pool.py's parent watch uses it too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -133,7 +134,7 @@ class RunLock:
             pid = int(info.get("pid", -1))
             if pid == os.getpid():
                 return "this process (an earlier trainer in it that did not release the lock)"
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 return f"process {pid} is gone"
             now = _proc_start(pid)
             if info.get("pid_start") and now and now != info["pid_start"]:

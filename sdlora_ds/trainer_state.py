@@ -82,32 +82,32 @@ def topology(trainer) -> dict:
             "mixed_precision": str(trainer.acc.mixed_precision)}
 
 
-def fingerprint_matches(saved: list, current: list, model) -> bool:
-    """Does a saved fingerprint describe `model`'s backbone? `current` = backbone_fingerprint(model).
-    Files written before the sha256 fingerprints hold float64 sums, whose last digits depend on the
-    thread count: those are compared to a relative 1e-9 (a changed backbone moves them far more)."""
-    if saved and isinstance(saved[0], float):
-        tensors = dict(model.named_parameters())
-        tensors.update(model.named_buffers())
-        sums = []
-        for k in sorted(model.pretrained_keys):
-            with gathered([tensors[k]]):
-                sums.append(float(tensors[k].detach().cpu().double().sum()))
-        return len(sums) == len(saved) and all(abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in zip(sums, saved))
-    return saved == current
-
-
-def backbone_fingerprint(model) -> list:
-    """sha256 of every pretrained tensor's bytes (fileio.tensor_sha256). Under ZeRO-3 the backbone
-    may be partitioned from construction on (transformers builds it inside zero.Init): each tensor is
+def _per_pretrained_tensor(model, fn) -> list:
+    """[fn(tensor) for every pretrained tensor, by name]. Under ZeRO-3 the backbone may be
+    partitioned from construction on (transformers builds it inside zero.Init): each tensor is
     gathered in turn (collective; one tensor at a time, never the whole backbone)."""
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     out = []
     for k in sorted(model.pretrained_keys):
         with gathered([tensors[k]]):
-            out.append(tensor_sha256(tensors[k]))
+            out.append(fn(tensors[k]))
     return out
+
+
+def backbone_fingerprint(model) -> list:
+    """sha256 of every pretrained tensor's bytes (fileio.tensor_sha256)."""
+    return _per_pretrained_tensor(model, tensor_sha256)
+
+
+def fingerprint_matches(saved: list, current: list, model) -> bool:
+    """Does a saved fingerprint describe `model`'s backbone? `current` = backbone_fingerprint(model).
+    Files written before the sha256 fingerprints hold float64 sums, whose last digits depend on the
+    thread count: those are compared to a relative 1e-9 (a changed backbone moves them far more)."""
+    if saved and isinstance(saved[0], float):
+        sums = _per_pretrained_tensor(model, lambda t: float(t.detach().cpu().double().sum()))
+        return len(sums) == len(saved) and all(abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in zip(sums, saved))
+    return saved == current
 
 
 def model_payload(trainer) -> dict:

@@ -22,21 +22,13 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from sdlora_ds.runlock import pid_alive
+
 _PR_SET_PDEATHSIG = 1
 
 
-def _parent_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else (cannot be our parent, but be safe)
-        return True
-    return True
-
-
 def _watch_parent(pid: int) -> None:
-    while _parent_alive(pid):
+    while pid_alive(pid):
         time.sleep(0.5)
     os._exit(1)
 
@@ -50,7 +42,7 @@ def worker_init(parent_pid: int) -> None:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         except (OSError, AttributeError):
             pass  # the watch below still applies
-    if not _parent_alive(parent_pid):  # died before the request above took effect
+    if not pid_alive(parent_pid):  # died before the request above took effect
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
 

@@ -43,7 +43,7 @@ from torch import nn
 from transformers import (Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel,
                           PreTrainedModel, ViTConfig, ViTModel)
 
-from ..config import BackboneConfig
+from ..config import BackboneConfig, missing_backbone_path
 
 ARCHS = {"vit": (ViTConfig, ViTModel), "dinov2": (Dinov2Config, Dinov2Model),
          "dinov2_with_registers": (Dinov2WithRegistersConfig, Dinov2WithRegistersModel)}
@@ -77,12 +77,6 @@ def _new_model(arch: str, config) -> PreTrainedModel:
     return cls(config, add_pooling_layer=False) if arch == "vit" else cls(config)
 
 
-def _missing(path: str) -> ValueError:
-    return ValueError(f"config field 'backbone.path': {path!r} does not exist; point it at a local "
-                      "transformers ViT/DINOv2 folder or a .safetensors file (nothing is downloaded; for the demo "
-                      "run `python launch/pretrain_demo_backbone.py` first)")
-
-
 def _check_arch(cfg: BackboneConfig, found: str, where: str) -> None:
     if cfg.arch is not None and cfg.arch != found:
         raise ValueError(f"config field 'backbone.arch': got {cfg.arch!r} but {cfg.path!r} holds a {found!r} "
@@ -104,7 +98,7 @@ def build_backbone(cfg: BackboneConfig, image_size: Optional[int] = None) -> Pre
                              "convert the checkpoint to safetensors or give a transformers folder")
         model = _from_safetensors(cfg)
     else:
-        raise _missing(cfg.path)
+        raise missing_backbone_path(cfg.path)
     for p in model.parameters():
         p.requires_grad_(False)
     # Counted now, before adapters add parameters inside the backbone or ZeRO-3 partitions it.

@@ -48,11 +48,6 @@ _BLOCK_PARTS = ["norm1.weight", "norm1.bias", "attention.attention.query.weight"
                 "attention.attention.value.bias", "attention.output.dense.weight",
                 "attention.output.dense.bias", "layer_scale1.lambda1", "norm2.weight", "norm2.bias",
                 "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias", "layer_scale2.lambda1"]
-# 4.x name -> installed-transformers (5.x) name of the attention projections.
-_TO_5X = [(".attention.attention.query.", ".attention.q_proj."), (".attention.attention.key.", ".attention.k_proj."),
-          (".attention.attention.value.", ".attention.v_proj."), (".attention.output.dense.", ".attention.o_proj.")]
-
-
 class NotDinov2Error(ValueError):
     """The ONNX graph does not have the DINOv2 layout described in the module docstring."""
 
@@ -185,28 +180,24 @@ def check_layout(sd: dict, arch: dict, path: str, expect: Optional[dict] = DINOV
 
 
 def dinov2_config(arch: dict):
-    from transformers import Dinov2Config
-    # Dinov2Config takes the MLP width as an integer ratio (check_layout made sure it divides).
-    return Dinov2Config(hidden_size=arch["hidden_size"], num_hidden_layers=arch["num_layers"],
-                        num_attention_heads=arch["num_heads"], mlp_ratio=arch["mlp_size"] // arch["hidden_size"],
-                        patch_size=arch["patch_size"], image_size=arch["grid"] * arch["patch_size"],
-                        layer_norm_eps=arch["layer_norm_eps"], layerscale_value=1.0, use_swiglu_ffn=False,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+    """The Dinov2Config of a read architecture (the backbone loader's builder; no dropout, no SwiGLU)."""
+    from ..config import BackboneConfig
+    from .backbone import dinov2_config as build
+    cfg = BackboneConfig(source="config", arch="dinov2", hidden_size=arch["hidden_size"],
+                         num_layers=arch["num_layers"], num_heads=arch["num_heads"], mlp_size=arch["mlp_size"],
+                         patch_size=arch["patch_size"], image_size=arch["grid"] * arch["patch_size"],
+                         layer_norm_eps=arch["layer_norm_eps"], layerscale_value=1.0)
+    return build(cfg, "dinov2")
 
 
 def build_model(sd: dict, arch: dict, path: str):
     """A Dinov2Model holding the converted tensors; every tensor's shape checked (strict)."""
     import torch
     from transformers import Dinov2Model
+    from .backbone import _DINOV2_RENAMES, _to_model_naming
     model = Dinov2Model(dinov2_config(arch)).eval()
     keys = set(model.state_dict())
-    if not any(".attention.attention.query." in k for k in keys):  # installed transformers uses 5.x names
-        renamed = {}
-        for k, v in sd.items():
-            for old, new in _TO_5X:
-                k = k.replace(old, new)
-            renamed[k] = v
-        sd = renamed
+    sd = _to_model_naming(sd, keys, _DINOV2_RENAMES)  # the file's 4.x names -> the installed transformers'
     target = model.state_dict()
     sd = dict(sd)
     sd.setdefault("embeddings.mask_token", np.zeros(tuple(target["embeddings.mask_token"].shape), np.float32))
