@@ -235,7 +235,9 @@ def test_sigkill_and_resume_one_process_is_bitwise(demo, runs):
     got, ref = results(out), runs("one")
     what = f"killed after step {step} (seed {seed})"
     assert same_run(got) == same_run(ref), what
-    assert len(got["topologies"]) == 2 and got["topologies"][1]["from_global_step"] < step, what
+    # the second segment starts at the checkpoint it resumed from: a step after 0, and possibly the
+    # kill step itself (the kill lands just after that step's checkpoint was written)
+    assert len(got["topologies"]) == 2 and got["topologies"][1]["from_global_step"] > 0, what
     # the logs continue where the checkpoint was: TensorBoard and metrics.jsonl equal the
     # uninterrupted run's point for point (eval points by task, the matrix image, final metrics, hparams)
     (tb, jsonl), (ref_tb, ref_jsonl) = run_logs(out), run_logs(str(runs.root / "one"))
