@@ -121,6 +121,13 @@ class AdapterConfig:
     norm: str = "factors"
     """Normalisation of frozen directions: 'factors' = ||B||_F * ||A||_F (reference code),
     'product' = ||B A||_F (the paper's notation)."""
+    freeze: str = "normalize"
+    """How a finished task's direction enters the next task: 'normalize' (the paper and both
+    references: m B A / (||B|| ||A||) with the magnitudes re-created, so the function jumps at every
+    boundary by about 1 / (m_i ||B_i|| ||A_i||)); 'continuous' (ablation: each projection's
+    assimilated magnitude k^p absorbs the difference, so every frozen direction carries exactly the
+    contribution it had at the end of the task and the model's function does not change at the
+    boundary; the trainable magnitudes still rescale unit directions)."""
     impl: str = "auto"
     """Stacked low-rank update implementation: 'auto' (Triton on CUDA, PyTorch otherwise),
     'reference' (plain PyTorch everywhere), 'triton'."""
@@ -146,6 +153,8 @@ class AdapterConfig:
             _fail(f"{p}.target_modules", self.target_modules, "expected a non-empty list of names")
         if self.norm not in ("factors", "product"):
             _fail(f"{p}.norm", self.norm, "allowed: 'factors' or 'product'")
+        if self.freeze not in ("normalize", "continuous"):
+            _fail(f"{p}.freeze", self.freeze, "allowed: 'normalize' (the paper) or 'continuous' (function-preserving)")
         if self.impl not in ("auto", "reference", "triton"):
             _fail(f"{p}.impl", self.impl, "allowed: 'auto', 'reference' or 'triton'")
         self.kd.validate(f"{p}.kd")
@@ -337,6 +346,10 @@ class TrainConfig:
     """Optimizer steps between mid-task checkpoints; 0 = only at the end of each task."""
     keep_checkpoints: int = 2
     """Checkpoints kept (older ones are deleted once a newer one is complete)."""
+    probe_size: int = 32
+    """Boundary diagnostics: test images of task 0's classes (the first in the test stream) whose
+    CLS features are compared before/after every task boundary (results.json 'boundaries',
+    TensorBoard 'boundary/'). 0 turns the feature probe off (adapter norms and jumps are still recorded)."""
 
     def validate(self, p: str) -> None:
         for name in ("log_every", "eval_batch", "keep_checkpoints"):
@@ -344,6 +357,8 @@ class TrainConfig:
                 _fail(f"{p}.{name}", getattr(self, name), "must be > 0")
         if self.checkpoint_every < 0:
             _fail(f"{p}.checkpoint_every", self.checkpoint_every, "must be >= 0")
+        if self.probe_size < 0:
+            _fail(f"{p}.probe_size", self.probe_size, "must be >= 0 (0 turns the feature probe off)")
 
 
 @dataclass
@@ -357,7 +372,9 @@ class RunConfig:
     method: str = "sdlora"
     """'sdlora' (also -RR / -KD through adapter.rank_schedule / adapter.kd, and joint training with
     cil.num_tasks = 1); baselines: 'seq_lora' (one plain LoRA of rank adapter.rank per projection,
-    trained through all tasks), 'linear_probe' (frozen backbone, only the growing classifier)."""
+    trained through all tasks), 'linear_probe' (frozen backbone, only the growing classifier), 'ncm'
+    (no training: class-mean prototypes of the frozen backbone's CLS features, cosine similarity;
+    SimpleCIL)."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """The frozen pretrained ViT."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -386,6 +403,9 @@ class RunConfig:
             if self.adapter.rank_schedule is not None:
                 _fail("adapter.rank_schedule", self.adapter.rank_schedule,
                       f"a rank schedule needs method 'sdlora'; {self.method!r} uses adapter.rank")
+            if self.adapter.freeze != "normalize":
+                _fail("adapter.freeze", self.adapter.freeze, f"freezing directions needs method 'sdlora', not "
+                                                              f"{self.method!r}")
         if self.backbone.source == "config" and self.data.image_size != self.backbone.image_size:
             _fail("data.image_size", self.data.image_size,
                   f"must equal backbone.image_size={self.backbone.image_size}")
@@ -396,7 +416,7 @@ class RunConfig:
         return os.path.join(self.output_dir, self.name)
 
 
-METHODS = {"sdlora", "seq_lora", "linear_probe"}
+METHODS = {"sdlora", "seq_lora", "linear_probe", "ncm"}
 
 
 # ---------------------------------------------------------------------------- strict loading

@@ -31,6 +31,7 @@ from .checkpoint import Checkpoints
 from .cil import TaskSchedule
 from .config import RunConfig
 from .data import ShardIndex, build_loader
+from .diagnostics import BoundaryRecorder
 from .distributed import (ParentWatch, PeerMonitor, configure_deepspeed_batch, gathered, held_elements,
                           make_accelerator, merged_eval, sum_across_ranks, under_launcher, uses_deepspeed,
                           zero_stage)
@@ -94,6 +95,9 @@ class Trainer:
         self.engine = self.optimizer = None
         self.pending_engine_state: Optional[str] = None  # mid-task resume: checkpoint to load after prepare
         self.topologies: list = []  # one S.topology() per launch segment of the run
+        self.boundaries = BoundaryRecorder()  # task-boundary diagnostics (diagnostics.py)
+        self.magnitude_log: list = []  # (global step, [m + k per task]) every train.log_every steps (SD-LoRA)
+        self._probe_images: Optional[torch.Tensor] = None
         self.ckpt = Checkpoints(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints, self.acc)
 
     def _take_lock(self) -> Optional[RunLock]:
@@ -150,7 +154,8 @@ class Trainer:
                 "class_order": self.schedule.order, "world_size": self.world, "micro_batch": self.micro,
                 "grad_accum": self.accum, "global_batch": self.cfg.optim.global_batch,
                 "mixed_precision": str(self.acc.mixed_precision), "zero_stage": self.stage,
-                "topologies": self.topologies, "log_position": self.log.position()}
+                "topologies": self.topologies, "log_position": self.log.position(),
+                "boundaries": self.boundaries.state_dict(), "magnitude_log": self.magnitude_log}
 
     def load_state_dict(self, sd: dict) -> None:
         p = sd["position"]
@@ -160,6 +165,8 @@ class Trainer:
         self.loss_log = [tuple(x) for x in sd["loss_log"]]
         self.task_times, self.task_elapsed = sd["task_times"], sd["task_elapsed"]
         self.model.events = sd["events"]
+        self.boundaries.load_state_dict(sd.get("boundaries", {}))
+        self.magnitude_log = [tuple(x) for x in sd.get("magnitude_log", [])]
         # the segments before this launch (checkpoints from before the history: their one topology)
         self.topologies = sd.get("topologies") or [
             {"from_global_step": 0, "from_position": [0, 0, 0], "world_size": sd["world_size"],
@@ -196,9 +203,14 @@ class Trainer:
             self.before_task(t)
         self.build_engine(t)
         _, first_epoch, first_step = self.position  # (t, 0, 0) unless resuming mid-task
-        for epoch in range(first_epoch, self.cfg.optim.epochs):
+        if (first_epoch, first_step) == (0, 0):  # the boundary alone: task t's direction is still zero
+            self.log_boundary(t, self.boundaries.task_start(t, self.probe_features()), "feature_change_at_boundary")
+        if not self.model.trains:  # NCM: class means of the frozen features, no optimizer
+            self.fit_prototypes(t)
+        for epoch in range(first_epoch, self.cfg.optim.epochs if self.model.trains else 0):
             self.train_epoch(t, epoch, first_step=first_step if epoch == first_epoch else 0, start=start)
         self.evaluate(t)
+        self.log_boundary(t, self.boundaries.task_end(t, self.probe_features()), "feature_change_after_next_task")
         self.after_task(t)
         self.task_times.append(time.time() - start)
         self.position, self.task_elapsed = (t + 1, 0, 0), 0.0
@@ -211,6 +223,10 @@ class Trainer:
         previous = self.model.trainable_parameters() if self.model.task >= 0 else []
         with gathered(previous):
             self.model.start_task(t, self.schedule.size(t))
+        rec = self.boundaries.adapters(getattr(self.model, "boundary", None) if t > 0 else None)
+        for g, metrics in (rec or {}).get("adapters", {}).items():  # TensorBoard step = the task it leads into
+            for m in ("norm_b", "norm_ba", "jump"):
+                self.log.scalar(f"boundary/{g}_{m}_median", metrics[m]["median"], t)
         for ev in self.model.events[n_events:]:  # e.g. SD-LoRA-KD merges decided at the task boundary
             self.log.text("model/events", str(ev), t)
             for tag, value in ev.get("scalars", {}).items():
@@ -222,6 +238,9 @@ class Trainer:
         """A fresh optimizer + engine over task t's trainable set (it changes every task). When
         resuming mid-task, the optimizer/engine state of the checkpoint is loaded into it."""
         self.model.set_trainable()
+        if not self.model.trains:  # nothing to optimise: the plain model on its device
+            self.engine, self.optimizer = self.model.to(self.acc.device), None
+            return
         o = self.cfg.optim
         optimizer = torch.optim.SGD(self.model.trainable_parameters(), lr=o.lr, momentum=o.momentum,
                                     weight_decay=o.weight_decay)
@@ -283,6 +302,12 @@ class Trainer:
         self.log.scalar("train/loss", loss, self.global_step)
         self.log.scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.global_step)
         self.log.scalar("train/task", t, self.global_step)
+        mags = getattr(self.acc.unwrap_model(self.engine), "magnitudes", None)
+        if mags is not None and (self.global_step % self.cfg.train.log_every == 0 or self.global_step == 1):
+            values = [float(v) for v in mags().detach().float().cpu()]  # (m + k) per task so far
+            self.magnitude_log.append((self.global_step, values))
+            for j, v in enumerate(values):
+                self.log.scalar(f"magnitude/task_{j}", v, self.global_step)
         return loss
 
     def forward_backward(self, images, labels, known: int, n_local: int, sync: bool) -> torch.Tensor:
@@ -309,6 +334,63 @@ class Trainer:
         else:
             self.acc.backward(loss)
         return loss_sum.detach().double().cpu()
+
+    # ------------------------------------------------------------------ NCM and diagnostics
+    @torch.no_grad()
+    def fit_prototypes(self, t: int) -> None:
+        """NCM: the mean CLS feature of every class of task t over its train images (test transform,
+        each image once across ranks), summed over ranks; written into the head's new rows."""
+        model = self.acc.unwrap_model(self.engine)
+        known, n = self.schedule.start(t), self.schedule.size(t)
+        sums = torch.zeros(n, model.head.in_features, dtype=torch.float64)
+        counts = torch.zeros(n, dtype=torch.float64)
+        d = self.cfg.data
+        loader = build_loader(self.index, d, split=d.train_split, class_ids=self.schedule.classes(t), train=False,
+                              batch_size=self.cfg.train.eval_batch, rank=self.rank, world_size=self.world,
+                              seed=self.cfg.seed * 100 + t)
+        model.eval()
+        for images, labels in tqdm(loader, desc=f"class means of task {t}", disable=not self.is_main, leave=False):
+            keep = labels >= 0  # padding samples keep batch counts equal across ranks
+            with self.acc.autocast():
+                f = model.features(images.to(self.acc.device)).double().cpu()  # (B, d)
+            rows = self.lut[labels.clamp_min(0)] - known
+            sums.index_add_(0, rows[keep], f[keep])
+            counts += torch.bincount(rows[keep], minlength=n).double()
+        sums, counts = sum_across_ranks(self.acc, sums), sum_across_ranks(self.acc, counts)
+        model.set_prototypes(known, sums, counts)
+        self.print(f"task {t}: class means of {int(counts.sum())} train images")
+
+    def probe_images(self) -> Optional[torch.Tensor]:
+        """The first train.probe_size test images of task 0's classes (same on every rank); None if off."""
+        size = self.cfg.train.probe_size
+        if size == 0:
+            return None
+        if self._probe_images is None:
+            d = self.cfg.data
+            loader = build_loader(self.index, d, split=d.test_split, class_ids=self.schedule.classes(0), train=False,
+                                  batch_size=size, rank=0, world_size=1, seed=0, num_workers=0)
+            images, labels = next(iter(loader))
+            self._probe_images = images[labels >= 0]
+        return self._probe_images
+
+    @torch.no_grad()
+    def probe_features(self) -> Optional[torch.Tensor]:
+        """CLS features (P, d) of the probe images under the current model (every rank runs it: under
+        ZeRO-3 the modules' hooks gather the weights, a collective)."""
+        images = self.probe_images()
+        if images is None:
+            return None
+        model = self.acc.unwrap_model(self.engine)
+        was_training = model.training
+        model.eval()
+        with self.acc.autocast():
+            f = model.features(images.to(self.acc.device)).float().cpu()
+        model.train(was_training)
+        return f
+
+    def log_boundary(self, t: int, value: Optional[float], name: str) -> None:
+        if value is not None:
+            self.log.scalar(f"boundary/{name}", value, t)
 
     def after_task(self, t: int) -> None:
         """Drop the engine/optimizer of task t: the next task trains another set of tensors."""
@@ -374,7 +456,8 @@ class Trainer:
                    "world_size": self.world, "global_batch": self.cfg.optim.global_batch, "micro_batch": self.micro,
                    "grad_accum": self.accum, "zero_stage": self.stage, "mixed_precision": str(self.acc.mixed_precision),
                    "topologies": self.topologies, "task_seconds": self.task_times, "events": self.model.events,
-                   "kernel_selfcheck": selfcheck.results(), "loss_log": self.loss_log, "config": config}
+                   "kernel_selfcheck": selfcheck.results(), "loss_log": self.loss_log,
+                   "boundaries": self.boundaries.records, "magnitude_log": self.magnitude_log, "config": config}
         final_model = S.plain_model(self)  # collective under ZeRO-3; None on ranks other than 0 there
         if self.is_main:
             path = os.path.join(self.run_dir, "results.json")

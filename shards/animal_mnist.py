@@ -44,11 +44,8 @@ def source_dir(src: Optional[str] = None) -> str:
     return src
 
 
-def convert_animal_mnist(out: str, *, src: Optional[str] = None, seed: int = 0, test_fraction: float = 0.2,
-                         per_class_train: Optional[int] = None, per_class_test: Optional[int] = None,
-                         max_per_shard: int = DEFAULT_MAX_PER_SHARD, workers: int = 1,
-                         progress: bool = True) -> str:
-    """Returns the index.json path."""
+def load_animal_mnist(src: Optional[str] = None, seed: int = 0, test_fraction: float = 0.2):
+    """(parts, split_info, folder): parts = split -> (images, labels, positions), the seeded split."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"--test-fraction {test_fraction}: must be between 0 and 1")
     folder = source_dir(src)
@@ -62,12 +59,20 @@ def convert_animal_mnist(out: str, *, src: Optional[str] = None, seed: int = 0, 
                     "class's positions; the first round(ratio * n) -> train, the rest -> test",
             "source": "PyPI animal-mnist 0.4 (animal_mnist/data/Animal_MNIST)", "source_sha256": file_hashes(
                 [data_path, label_path])}
+    return {sp: (images, labels, pos) for sp, pos in parts.items()}, info, folder
+
+
+def convert_animal_mnist(out: str, *, src: Optional[str] = None, seed: int = 0, test_fraction: float = 0.2,
+                         per_class_train: Optional[int] = None, per_class_test: Optional[int] = None,
+                         max_per_shard: int = DEFAULT_MAX_PER_SHARD, workers: int = 1,
+                         progress: bool = True) -> str:
+    """Returns the index.json path."""
+    parts, info, folder = load_animal_mnist(src, seed, test_fraction)
     created_by = {"converter": "shards.animal_mnist",
                   "args": {"src": os.path.abspath(folder), "seed": seed, "test_fraction": test_fraction,
                            "per_class_train": per_class_train, "per_class_test": per_class_test,
                            "max_per_shard": max_per_shard}}
-    return convert_arrays(out, dataset="animal_mnist", class_names=CLASS_NAMES,
-                          parts={sp: (images, labels, pos) for sp, pos in parts.items()}, split_info=info,
+    return convert_arrays(out, dataset="animal_mnist", class_names=CLASS_NAMES, parts=parts, split_info=info,
                           created_by=created_by, per_class={"train": per_class_train, "test": per_class_test},
                           subset_seed=seed, max_per_shard=max_per_shard, workers=workers, progress=progress)
 

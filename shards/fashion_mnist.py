@@ -29,11 +29,8 @@ FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-def convert_fashion_mnist(out: str, *, src: str = DEFAULT_SRC, seed: int = 0,
-                          per_class_train: Optional[int] = None, per_class_test: Optional[int] = None,
-                          max_per_shard: int = DEFAULT_MAX_PER_SHARD, workers: int = 1,
-                          progress: bool = True) -> str:
-    """Returns the index.json path."""
+def load_fashion_mnist(src: str = DEFAULT_SRC):
+    """(parts, split_info): parts = split -> (images, labels, positions), the official split."""
     paths = require_files(src, [n for pair in FILES.values() for n in pair], INSTALL)
     parts = {}
     for split, (img_name, lab_name) in FILES.items():
@@ -42,6 +39,15 @@ def convert_fashion_mnist(out: str, *, src: str = DEFAULT_SRC, seed: int = 0,
         parts[split] = (images, labels, range(len(labels)))
     info = {"method": "pre-split", "source": f"Fashion-MNIST IDX files ({INSTALL})",
             "source_sha256": file_hashes(paths)}
+    return parts, info
+
+
+def convert_fashion_mnist(out: str, *, src: str = DEFAULT_SRC, seed: int = 0,
+                          per_class_train: Optional[int] = None, per_class_test: Optional[int] = None,
+                          max_per_shard: int = DEFAULT_MAX_PER_SHARD, workers: int = 1,
+                          progress: bool = True) -> str:
+    """Returns the index.json path."""
+    parts, info = load_fashion_mnist(src)
     created_by = {"converter": "shards.fashion_mnist",
                   "args": {"src": os.path.abspath(src), "seed": seed, "per_class_train": per_class_train,
                            "per_class_test": per_class_test, "max_per_shard": max_per_shard}}

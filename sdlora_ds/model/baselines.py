@@ -7,6 +7,10 @@
   same update (A ~ kaiming_uniform(a=sqrt(5)), B = 0, same generator: identical initial factors) and
   differ only in what follows. The rank is adapter.rank.
 - 'linear_probe' (LinearProbeModel): the frozen backbone and the growing classifier only.
+- 'ncm' (NCMModel): no training at all. Each class is the mean of the frozen backbone's CLS features
+  over its train images (test transform, no augmentation), and a test image goes to the class of
+  highest cosine similarity (SimpleCIL, Zhou et al. 2023). It separates "the features are too weak"
+  from "the heads or adapters drift".
 - Joint training (the upper bound) is not a model: method 'sdlora' with cil.num_tasks = 1.
 
 Both reuse the trainer's lifecycle (model/base.py); seq_lora's layer goes through the same stacked
@@ -112,3 +116,33 @@ class LinearProbeModel(IncrementalViT):
 
     def trainable_parameters(self) -> list:
         return [self.head.weight, self.head.bias]
+
+
+class NCMModel(IncrementalViT):
+    """Nearest class mean on frozen features, cosine similarity. The head's rows hold the unit-norm
+    class means and its bias stays 0, so logits = W f / ||f|| (cosines). Export writes the same W and
+    a plain linear head: its logits are the cosines times ||f|| > 0, hence the same predictions."""
+    method = "ncm"
+    trains = False
+
+    def _start_adapters(self, task: int, gen: torch.Generator) -> None:
+        pass  # the head grows (random rows, replaced by set_prototypes before any evaluation)
+
+    def trainable_parameters(self) -> list:
+        return []
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, C_seen) cosines
+        f = nn.functional.normalize(self.features(pixel_values), dim=-1)
+        return nn.functional.linear(f, self.head.weight, self.head.bias)
+
+    @torch.no_grad()
+    def set_prototypes(self, first_row: int, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """Rows first_row.. of the head := normalize(sums / counts) (sums: (n, d), counts: (n,))."""
+        if bool((counts <= 0).any()):
+            empty = [first_row + i for i in torch.nonzero(counts <= 0).flatten().tolist()]
+            raise ValueError(f"NCM: head rows {empty} have no train image; every class needs at least one "
+                             f"(check the shard index's train split)")
+        means = sums.double() / counts.double().unsqueeze(1)
+        rows = nn.functional.normalize(means, dim=-1).to(self.head.weight)
+        self.head.weight[first_row:first_row + rows.shape[0]] = rows
+        self.head.bias[first_row:first_row + rows.shape[0]] = 0

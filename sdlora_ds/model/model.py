@@ -27,13 +27,29 @@ class SDLoRAModel(IncrementalViT):
         self.magnitudes = Magnitudes()
         a = cfg.adapter
         self._wrap_targets(lambda linear: SDLoRALinear(linear, self.magnitudes, norm=a.norm, impl=a.impl))
+        self.boundary = None  # diagnostics of the last task boundary (set by start_task; diagnostics.py reads it)
 
     # ------------------------------------------------------------------ tasks
     def _start_adapters(self, task: int, gen: torch.Generator) -> None:
         a = self.adapter_cfg
+        # Each frozen task's coefficient on its raw B_j A_j before the boundary: the current task's
+        # m_t (its direction is not normalised while it trains), (m_j + k_j + k_j^p) / norm_j for older ones.
+        before = [self._raw_coefficients(layer) for layer in self.layers]
+        factors = [layer.current_factor_norms() for layer in self.layers]
+        m_end = self.magnitudes().detach().tolist()  # (m + k) at the end of task-1
         for layer in self.layers:
             layer.freeze_current()
         self.magnitudes.grow(a.magnitude_init, a.magnitude_reset)
+        if a.freeze == "continuous":  # every frozen direction keeps its contribution (config: adapter.freeze)
+            mk = self.magnitudes().detach()
+            for layer, c in zip(self.layers, before):
+                layer.preserve_coefficients(c, mk)
+        if task >= 1:
+            after = [self._raw_coefficients(layer) for layer in self.layers]
+            self.boundary = {"task": task - 1, "m_end": m_end, "layers": [
+                {"name": name, **f, "coef_before": c0[task - 1], "coef_after": c1[task - 1],
+                 "jump": abs(c1[task - 1]) / abs(c0[task - 1]) if c0[task - 1] != 0 else float("inf")}
+                for name, f, c0, c1 in zip(self.layer_names, factors, before, after)]}
         # KD runs here, after task-1's direction is normalised (freeze) and the magnitudes hold the
         # values they start task `task` with (grow): what the direction would carry is known, so the
         # fold preserves the function the next task starts from (model/kd.py).
@@ -41,6 +57,15 @@ class SDLoRAModel(IncrementalViT):
             self.events.extend(fold_new_directions(self, task - 1, a.kd.threshold))
         for layer in self.layers:
             layer.add_direction(a.rank_of(task), generator=gen)
+
+    def _raw_coefficients(self, layer: SDLoRALinear) -> list:
+        """Per task j of `layer`: the scalar multiplying its raw B_j A_j in the forward (floats)."""
+        mk = self.magnitudes().detach().double()
+        t = layer.num_frozen
+        coef = ((mk[:t] + layer.frozen_k.double()) * layer.frozen_inv_norm.double()).tolist()
+        if layer.a_cur is not None:
+            coef.append(float(mk[t]))
+        return coef
 
     def trainable_parameters(self) -> list:
         """A_t, B_t of every projection, all magnitudes, the classifier; nothing else."""

@@ -134,6 +134,24 @@ class SDLoRALinear(MergeableLinear):
         a, b = a.detach().to(dt), b.detach().to(dt)
         return b.norm() * a.norm() if self.norm == "factors" else (b @ a).norm()
 
+    def current_factor_norms(self) -> dict:
+        """||B_t||_F, ||A_t||_F and ||B_t A_t||_F of the current direction (floats; {} if none)."""
+        if self.a_cur is None:
+            return {}
+        a, b = self.a_cur.detach().double(), self.b_cur.detach().double()
+        return {"norm_b": float(b.norm()), "norm_a": float(a.norm()), "norm_ba": float((b @ a).norm())}
+
+    def preserve_coefficients(self, coef: list, mk: torch.Tensor) -> None:
+        """adapter.freeze = 'continuous': set this projection's assimilated magnitudes so that each
+        frozen task j multiplies its raw B_j A_j by coef[j] again, whatever the shared magnitudes
+        mk = m + k (T,) now hold: (mk_j + k_j^p) * inv_norm_j = coef_j. Zero directions are left alone."""
+        t = self.num_frozen
+        assert len(coef) == t, "one coefficient per frozen task"
+        c = torch.tensor(coef, dtype=torch.float64)
+        inv = self.frozen_inv_norm.double().cpu()
+        k = torch.where(inv > 0, c / inv.clamp_min(1e-300) - mk[:t].double().cpu(), self.frozen_k.double().cpu())
+        self.frozen_k = k.to(self.frozen_k)
+
     def freeze_current(self) -> None:
         """End of a task: stack the current direction into the frozen buffers; its norm is computed
         once here, never per step."""
