@@ -112,9 +112,13 @@ def method_label(config: dict) -> str:
         return "joint (upper bound)"
     method = config["method"]
     if method != "sdlora":
-        return {"seq_lora": "seq. LoRA", "linear_probe": "linear probe"}.get(method, method)
+        return {"seq_lora": "seq. LoRA", "linear_probe": "linear probe", "ncm": "NCM"}.get(method, method)
     ad = config["adapter"]
-    return "SD-LoRA" + ("-RR" if ad.get("rank_schedule") else "") + ("-KD" if ad.get("kd", {}).get("enabled") else "")
+    ablations = [f"m0 {ad['magnitude_init']:g}"] if ad.get("magnitude_init", 1.0) != 1.0 else []
+    if ad.get("freeze", "normalize") != "normalize":
+        ablations.append(f"{ad['freeze']} freeze")
+    return ("SD-LoRA" + ("-RR" if ad.get("rank_schedule") else "") + ("-KD" if ad.get("kd", {}).get("enabled") else "")
+            + (f" ({', '.join(ablations)})" if ablations else ""))
 
 
 def load_run(path: str) -> Run:

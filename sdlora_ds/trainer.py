@@ -358,6 +358,8 @@ class Trainer:
             counts += torch.bincount(rows[keep], minlength=n).double()
         sums, counts = sum_across_ranks(self.acc, sums), sum_across_ranks(self.acc, counts)
         model.set_prototypes(known, sums, counts)
+        model.events.append({"kind": "ncm_class_means", "task": t, "images": int(counts.sum()),
+                             "per_class": [int(c) for c in counts]})
         self.print(f"task {t}: class means of {int(counts.sum())} train images")
 
     def probe_images(self) -> Optional[torch.Tensor]:

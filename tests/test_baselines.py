@@ -137,3 +137,60 @@ def test_trainer_runs_every_baseline(digits_index, tmp_path, method, cil):
     assert (tmp_path / method / "final_model.pt").is_file()
     if cil["num_tasks"] == 1:
         assert res["setting"] == "B10-0-1" and res["forgetting"] == 0.0 and res["avg_acc"] == res["last_acc"]
+
+
+def test_ncm_prototypes_and_cosine_logits_by_hand(tmp_path):
+    from transformers import ViTForImageClassification
+    from sdlora_ds.export import export_model
+    from sdlora_ds.model import NCMModel
+    torch.manual_seed(2)
+    m = build("ncm")
+    assert type(m) is NCMModel and m.trainable_parameters() == [] and not m.trains
+    m.start_task(0, 2)
+    sums, counts = torch.randn(2, 32) * 3, torch.tensor([3.0, 5.0])
+    m.set_prototypes(0, sums, counts)
+    x = torch.rand(4, 3, 32, 32)
+    m.eval()
+    with torch.no_grad():
+        f = m.features(x)
+        means = sums / counts[:, None]
+        cos = F.normalize(f, dim=-1) @ F.normalize(means, dim=-1).T  # (4, 2)
+        torch.testing.assert_close(m(x), cos, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no train image"):
+        m.start_task(1, 2)
+        m.set_prototypes(2, torch.ones(2, 32), torch.tensor([1.0, 0.0]))
+    m.set_prototypes(2, torch.ones(2, 32), torch.tensor([1.0, 2.0]))
+    cfg = config_from_dict(tiny_config_dict(method="ncm"))
+    export_model(m, ["a", "b", "c", "d"], cfg.data, str(tmp_path / "out"))  # checks export_logits
+    hf = ViTForImageClassification.from_pretrained(str(tmp_path / "out")).eval()
+    with torch.no_grad():  # a plain linear head: logits = ||f|| * cosines, the same predictions
+        assert torch.equal(hf(pixel_values=x).logits.argmax(1), m(x).argmax(1))
+
+
+def test_trainer_ncm_uses_every_train_image_once(digits_index, tmp_path):
+    from sdlora_ds.data import ShardIndex, build_loader
+    from sdlora_ds.trainer import Trainer
+    cil = {"num_classes": 10, "init_classes": 4, "increment": 3, "num_tasks": 3}
+    raw = tiny_config_dict(index=digits_index, name="ncm", output_dir=str(tmp_path), method="ncm", cil=cil,
+                           train={"probe_size": 4})
+    cfg = config_from_dict(raw)
+    tr = Trainer(cfg)
+    res = tr.run()
+    assert res["loss_log"] == [] and [len(r) for r in res["acc_matrix"]] == [1, 2, 3]
+    idx = ShardIndex.load(digits_index)
+    ev = [e for e in res["events"] if e["kind"] == "ncm_class_means"]
+    assert [e["images"] for e in ev] == [idx.count("train", tr.schedule.classes(t)) for t in range(3)]
+    # head rows = normalised means of the frozen features over each class's train images
+    model = tr.model.eval()
+    loader = build_loader(idx, cfg.data, split="train", class_ids=list(range(10)), train=False, batch_size=64,
+                          rank=0, world_size=1, seed=0)
+    feats, labels = [], []
+    with torch.no_grad():
+        for images, lab in loader:
+            feats.append(model.features(images)[lab >= 0])
+            labels.append(lab[lab >= 0])
+    feats, labels = torch.cat(feats).double(), torch.cat(labels)
+    for row, cls in enumerate(res["class_order"]):
+        proto = F.normalize(feats[labels == cls].mean(0), dim=0)
+        torch.testing.assert_close(model.head.weight[row].double(), proto, rtol=1e-5, atol=1e-6)
+    assert all(r["feature_change_at_boundary"] == 0.0 for r in res["boundaries"])  # nothing trains

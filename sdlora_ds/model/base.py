@@ -90,6 +90,11 @@ class IncrementalViT(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, C_seen)
         return self.head(cls_features(self.backbone, pixel_values))
 
+    def export_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the exported plain classifier (a linear head on the CLS token) computes; export checks
+        it. Equal to forward for every trained model (NCM: see baselines.NCMModel)."""
+        return self(pixel_values)
+
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, d)
         """The CLS token after the final norm (what the head reads; the diagnostics' probe)."""
         return cls_features(self.backbone, pixel_values)

