@@ -17,8 +17,8 @@ Stages:
 - compare: every method at the chosen budget, seeds 1993 1994 1995 (seed and cil.order_seed both):
   SD-LoRA, -RR, -KD, the ablations (magnitude init 0.8; adapter.freeze 'continuous'), sequential
   LoRA, linear probe, NCM, joint.
-- steps: SD-LoRA and sequential LoRA at about 40 and 375 optimizer steps per task (the compare
-  stage gives 150), seed 1993: accuracy and jump factor against the budget.
+- steps: SD-LoRA and sequential LoRA at 40 and 300 optimizer steps per task (the compare stage
+  gives 150), seed 1993: accuracy and jump factor against the budget.
 Then `python bench/regime_report.py` writes the tables and plots. Ends with one JSON line.
 """
 from __future__ import annotations
@@ -56,8 +56,8 @@ SELECT = {  # chosen on the joint bound and the linear probe only
 STEPS = {  # 75 steps per epoch (1,200 images per task, batch 16)
     "steps40_sdlora": ["optim.epochs=1", "optim.max_steps_per_epoch=40"],
     "steps40_seq_lora": ["method=seq_lora", "optim.epochs=1", "optim.max_steps_per_epoch=40"],
-    "steps375_sdlora": ["optim.epochs=5"],
-    "steps375_seq_lora": ["method=seq_lora", "optim.epochs=5"],
+    "steps300_sdlora": ["optim.epochs=4"],
+    "steps300_seq_lora": ["method=seq_lora", "optim.epochs=4"],
 }
 
 

@@ -8,7 +8,7 @@ Writes into --out:
 - boundaries.md + boundaries.png: per method, per boundary, mean over seeds of the median jump
   factor (q and v projections), median ||B||_F, and the CLS-feature change of the task-0 probe at the
   boundary and after the next task;
-- steps.md + steps.png: SD-LoRA and sequential LoRA at 40 / 150 / 375 optimizer steps per task
+- steps.md + steps.png: SD-LoRA and sequential LoRA at 40 / 150 / 300 optimizer steps per task
   (seed 1993): Avg and Last Acc, and SD-LoRA's median jump factor, against the budget;
 - select.md: the budget-selection runs (joint and linear probe only);
 - regime.json: every number above. Ends with one JSON line.
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from regime import METHODS, SEEDS, SELECT, STEPS  # noqa: E402
 from sdlora_ds.report import _figure, write_report  # noqa: E402
 
-STEP_BUDGETS = {40: "steps40_{m}", 150: "{m}", 375: "steps375_{m}"}  # steps per task -> group name pattern
+STEP_BUDGETS = {40: "steps40_{m}", 150: "{m}", 300: "steps300_{m}"}  # steps per task -> group name pattern
 
 
 def load(runs: str, group: str, seed: int):
