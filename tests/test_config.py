@@ -55,6 +55,10 @@ BROKEN = [
     ({"cil": {"class_order": [0, 1, 2]}}, "cil.class_order"),
     ({"dist": {"mixed_precision": "fp8"}}, "dist.mixed_precision"),
     ({"hflip": True}, "hflip"),
+    ({"adapter": {"freeze": "smooth"}}, "adapter.freeze"),
+    ({"method": "seq_lora", "adapter": {"freeze": "continuous"}}, "adapter.freeze"),
+    ({"train": {"probe_size": -1}}, "train.probe_size"),
+    ({"method": "nearest"}, "method"),
 ]
 
 

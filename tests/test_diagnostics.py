@@ -153,3 +153,21 @@ def test_a_run_records_boundaries(digits_index, tmp_path):
     cont = _run(digits_index, tmp_path, "cont", adapter={"rank": 4, "freeze": "continuous"})["boundaries"]
     assert all(r["feature_change_at_boundary"] < 1e-5 < r["feature_change_after_next_task"] for r in cont)
     assert not math.isclose(b[0]["feature_change_at_boundary"], cont[0]["feature_change_at_boundary"])
+
+
+def test_diagnose_prints_a_runs_boundaries(tmp_path, capsys):
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import diagnose
+    rec = BoundaryRecorder()
+    rec.task_end(0, torch.ones(2, 3))
+    rec.task_start(1, torch.ones(2, 3) * 1.5)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"boundaries": rec.records}))
+    assert diagnose.main(["--run", str(run), "--boundaries-only"]) == 0
+    out = capsys.readouterr().out
+    assert "boundary 0 -> 1: CLS feature change at the boundary 0.5000" in out
+    assert diagnose.main(["--run", str(tmp_path / "nowhere"), "--boundaries-only"]) == 2
+    assert "results.json not found" in capsys.readouterr().err
