@@ -65,6 +65,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdlora_ds.data.decode import require_cuda, wrap_for_device
 from sdlora_ds.data.index import ShardIndex
+from sdlora_ds.data.order import epoch_order
 from sdlora_ds.data.reader import BadDataError, BadCounter, SampleRec, scan_shard, ShardRef
 from sdlora_ds.data.transforms import build_transform
 
@@ -74,22 +75,6 @@ __all__ = ["BadDataError", "TaskCache", "build_loader", "clear_caches"]
 def _own_ks(sh: ShardRef, rank: int, world: int) -> range:
     """Positions k in the shard owned by `rank`: (sh.start + k) % world == rank."""
     return range((rank - sh.start) % world, sh.count, world)
-
-
-def _buffer_order(n: int, buf: int, rng: np.random.Generator) -> list[int]:
-    """Output order (input positions) of a shuffle buffer of size `buf` over n items: fill the
-    buffer, then emit a random slot and refill it with the next input; drain shuffled. Computed on
-    positions only, so every worker knows which sample comes out where before reading any."""
-    if n <= buf:
-        return [int(i) for i in rng.permutation(n)]
-    slots = list(range(buf))
-    picks = rng.integers(0, buf, size=n - buf)
-    out = []
-    for i, j in zip(range(buf, n), picks):
-        out.append(slots[j])
-        slots[j] = i
-    out.extend(slots[i] for i in rng.permutation(buf))
-    return out
 
 
 def _seed(*parts: int) -> int:
@@ -114,7 +99,7 @@ class TaskCache:
               on_bad: Callable[..., None]) -> None:
         self.clear()
         for si, sh in enumerate(shards):
-            for rec in scan_shard(si, sh, keep, num_classes, lambda k: True, sh.count - 1, on_bad):
+            for rec in scan_shard(si, sh, sh.keep, num_classes, lambda k: True, sh.count - 1, on_bad):
                 self.items[(si, rec.k)] = rec
                 self.nbytes += len(rec.data or b"")
         self.key = key
@@ -131,6 +116,7 @@ class _TaskStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not in 0..world_size-1 (world_size={world_size})")
         self.keep = frozenset(int(c) for c in class_ids)
+        self.shard_url = cfg.shard_url
         self.split, self.train, self.batch_size = split, train, batch_size
         self.rank, self.world, self.seed, self.epoch = rank, world_size, seed, epoch
         self.num_classes = index.num_classes
@@ -138,11 +124,16 @@ class _TaskStream(IterableDataset):
         self.shuffle_buffer = cfg.shuffle_buffer
         self.tolerance = cfg.bad_sample_tolerance
         self.transform = build_transform(cfg, train)
+        # eval: one source per shard (read once); train: one per (shard, task class), see order.py
         self.shards: list[ShardRef] = []
         start = 0
-        for path, n, per in index.shards(split, self.keep):
-            self.shards.append(ShardRef(path, n, frozenset(per), start))
-            start += n
+        for path, n, per in index.shards(split, self.keep, self.shard_url):
+            mine = sorted(c for c in per if c in self.keep)
+            groups = [frozenset(mine)] if not train else [frozenset([c]) for c in mine]
+            for g, cls in enumerate(groups):
+                count = sum(per[c] for c in cls)
+                self.shards.append(ShardRef(path, count, frozenset(per), start, cls, report=g == 0))
+                start += count
         self.total = start  # N: task samples in the split
         if self.total != index.count(split, self.keep):  # per-shard and per-split counts disagree
             raise ValueError(f"shard index {index.path!r}: split {split!r} per_class counts and shard "
@@ -171,18 +162,20 @@ class _TaskStream(IterableDataset):
         return self.num_batches - self.start_batch
 
     # ------------------------------------------------------------------ planning
-    def _plan(self) -> tuple[list, list[list[int]], Optional[list[list[int]]]]:
-        """(items, batches, positions): items = the input sequence of (shard, k) in reading order
-        (None = eval padding); batches[j] = input positions of the rank's batch j; positions[j] =
+    def _plan(self) -> tuple[tuple, list[list[int]], Optional[list[list[int]]]]:
+        """(items, batches, positions): items = (src, k) arrays, the input sequence in reading order
+        (sample k of source src; src -1 = eval padding); batches[j] = input positions of the rank's batch j; positions[j] =
         their global output positions (train: they seed the augmentation), None for eval."""
         B, world, r = self.batch_size, self.world, self.rank
         if not self.train:
-            items: list = [(si, k) for si, sh in enumerate(self.shards) for k in _own_ks(sh, r, world)]
-            items += [None] * (self.n - len(items))
-            return items, [list(range(j * B, min((j + 1) * B, self.n))) for j in range(self.num_batches)], None
-        order = np.random.default_rng([self.seed, self.epoch, 0x5D]).permutation(len(self.shards))
-        items = [(int(si), k) for si in order for k in range(self.shards[si].count)]
-        out_to_in = _buffer_order(self.total, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, 2]))
+            own = [(si, k) for si, sh in enumerate(self.shards) for k in _own_ks(sh, r, world)]
+            pad = self.n - len(own)  # padding positions: source -1
+            src = np.asarray([si for si, _ in own] + [-1] * pad, dtype=np.int32)
+            ks = np.asarray([k for _, k in own] + [-1] * pad, dtype=np.int32)
+            return (src, ks), [list(range(j * B, min((j + 1) * B, self.n))) for j in range(self.num_batches)], None
+        src, ks, out_to_in = epoch_order([sh.count for sh in self.shards], self.seed, self.epoch,
+                                         self.shuffle_buffer)
+        items = (src, ks)
         used = self.n * world  # N': the last N % world of the global order rest this epoch
         G = B * world
         full = used // G
@@ -191,7 +184,7 @@ class _TaskStream(IterableDataset):
         if tail:
             positions.append(list(range(full * G + r * tail, full * G + (r + 1) * tail)))
         assert len(positions) == self.num_batches and sum(map(len, positions)) == self.n
-        return items, [[out_to_in[q] for q in qs] for qs in positions], positions
+        return items, [[int(out_to_in[q]) for q in qs] for qs in positions], positions
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -216,32 +209,47 @@ class _TaskStream(IterableDataset):
             seeds = [_seed(self.seed, self.epoch, q, 3) for q in positions[j]] if positions else None
             images, labels, last_good = self._batch(recs, seeds, bad, last_good)
             yield images, labels
-        for _ in source:  # finish the scan: a shard with samples the index does not know raises here
+        for _ in source:  # nothing should be left; closes the sources
             pass
 
     def _records(self, items, needed_in: list[int], on_bad) -> Iterator[tuple[int, Optional[SampleRec]]]:
-        """(input position, record) for every needed input position, in reading order."""
-        pos_of = {it: i for i, it in enumerate(items) if it is not None}
-        for i in needed_in:  # padding positions come first: they need no reading
-            if items[i] is None:
-                yield i, None
-        by_shard: dict[int, set[int]] = {}
+        """(input position, record) for every needed input position, in input (reading) order.
+        All sources are open at once and each is advanced as the interleave asks (order.py); a
+        source is closed once its last needed sample is read."""
+        src, ks = items
+        last: dict[int, int] = {}
+        want: dict[int, set[int]] = {}
         for i in needed_in:
-            if items[i] is not None:
-                by_shard.setdefault(items[i][0], set()).add(items[i][1])
-        shard_order = list(dict.fromkeys(it[0] for it in items if it is not None))
-        for si in shard_order:
-            ks = by_shard.get(si)
-            if not ks:
-                continue
-            if self.cache is not None:
-                for k in sorted(ks):
-                    yield pos_of[(si, k)], self.cache.items[(si, k)]
-                continue
-            for rec in scan_shard(si, self.shards[si], self.keep, self.num_classes, ks.__contains__,
-                                  max(ks), on_bad):
-                if rec.k in ks:
-                    yield pos_of[(si, rec.k)], rec
+            si = int(src[i])
+            if si >= 0:
+                last[si] = max(last.get(si, -1), int(ks[i]))
+                want.setdefault(si, set()).add(int(ks[i]))
+        scans: dict[int, Iterator[SampleRec]] = {}
+        try:
+            for i in needed_in:
+                si, k = int(src[i]), int(ks[i])
+                if si < 0:  # eval padding: nothing to read
+                    yield i, None
+                    continue
+                if self.cache is not None:
+                    yield i, self.cache.items[(si, k)]
+                    continue
+                if si not in scans:
+                    sh = self.shards[si]
+                    scans[si] = scan_shard(si, sh, sh.keep, self.num_classes, want[si].__contains__, last[si],
+                                           on_bad)
+                for rec in scans[si]:
+                    if rec.k == k:
+                        break
+                else:
+                    raise AssertionError(f"source {si} ended before sample {k}")  # scan_shard yields count
+                yield i, rec
+                if k == last[si]:  # finish the scan: a shard with samples the index does not know raises
+                    for _ in scans.pop(si):
+                        pass
+        finally:
+            for it in scans.values():
+                it.close()
 
     def _decode(self, rec: SampleRec, bad: "BadCounter") -> Optional[torch.Tensor]:
         if rec.bad is not None:
