@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from sdlora_ds.data.source import check_scheme, check_template, local_path, resolve
 from sdlora_ds.data.source import probe as probe_locations
@@ -65,6 +65,7 @@ class ShardIndex:
         self.class_names: list[str] = list(raw["class_names"])
         self.num_classes: int = int(raw["num_classes"])
         self.splits: list[str] = list(raw["splits"])
+        self.shard_url = ""  # data.shard_url given to `load`: every location query maps through it
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -95,6 +96,7 @@ class ShardIndex:
                              f"{converter_hint(path, clues)}")
         cls._check_structure(raw, path, converter_hint(path, clues))
         index = cls(raw, path)
+        index.shard_url = shard_url
         remote = []
         for split in index.splits:
             for sh in raw["splits"][split]["shards"]:
@@ -151,9 +153,10 @@ class ShardIndex:
                           f"{sum(s['per_class'])}, num_samples = {s['num_samples']}")
 
     # ------------------------------------------------------------------ queries
-    def location(self, entry: str, shard_url: str = "") -> str:
-        """Where the shard listed as `entry` is read from (source.resolve)."""
-        return resolve(self.root, entry, shard_url)
+    def location(self, entry: str, shard_url: Optional[str] = None) -> str:
+        """Where the shard listed as `entry` is read from (source.resolve); shard_url None = the
+        template the index was loaded with."""
+        return resolve(self.root, entry, self.shard_url if shard_url is None else shard_url)
 
     def _split(self, split: str) -> dict:
         if split not in self.raw["splits"]:
@@ -173,7 +176,7 @@ class ShardIndex:
         per_class = self._split(split)["per_class"]
         return sum(per_class[c] for c in self._classes(class_ids))
 
-    def shards(self, split: str, class_ids: Iterable[int], shard_url: str = "") -> list[tuple[str, int, dict]]:
+    def shards(self, split: str, class_ids: Iterable[int], shard_url: Optional[str] = None) -> list[tuple[str, int, dict]]:
         """(location, samples of class_ids in it, {class id: count}) for every shard of `split`
         holding any of `class_ids`, in index order. Location: absolute path or URL (`location`)."""
         ids = self._classes(class_ids)
@@ -185,7 +188,7 @@ class ShardIndex:
                 out.append((self.location(sh["path"], shard_url), n, per))
         return out
 
-    def shard_paths(self, split: str, class_ids: Iterable[int], shard_url: str = "") -> list[str]:
+    def shard_paths(self, split: str, class_ids: Iterable[int], shard_url: Optional[str] = None) -> list[str]:
         """Locations of only the shards of `split` that hold any of `class_ids` (index order)."""
         return [p for p, _, _ in self.shards(split, class_ids, shard_url)]
 

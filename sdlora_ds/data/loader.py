@@ -116,7 +116,6 @@ class _TaskStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not in 0..world_size-1 (world_size={world_size})")
         self.keep = frozenset(int(c) for c in class_ids)
-        self.shard_url = cfg.shard_url
         self.split, self.train, self.batch_size = split, train, batch_size
         self.rank, self.world, self.seed, self.epoch = rank, world_size, seed, epoch
         self.num_classes = index.num_classes
@@ -127,7 +126,7 @@ class _TaskStream(IterableDataset):
         # eval: one source per shard (read once); train: one per (shard, task class), see order.py
         self.shards: list[ShardRef] = []
         start = 0
-        for path, n, per in index.shards(split, self.keep, self.shard_url):
+        for path, n, per in index.shards(split, self.keep):
             mine = sorted(c for c in per if c in self.keep)
             groups = [frozenset(mine)] if not train else [frozenset([c]) for c in mine]
             for g, cls in enumerate(groups):
