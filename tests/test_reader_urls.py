@@ -22,12 +22,17 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):  # a reader closing early resets the connection
+        pass
+
+
 @pytest.fixture
 def http_root(tmp_path):
     """(shard folder served at http://127.0.0.1:PORT/, base URL); the server stops after the test."""
     root = str(tmp_path / "served")
     os.makedirs(root)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=root))
+    server = _Server(("127.0.0.1", 0), functools.partial(_Quiet, directory=root))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
