@@ -16,7 +16,9 @@ at conversion); then times one training epoch of decode + SPEC train augmentatio
                      at reduced DCT scale when the crop allows it, only the crop region resampled;
                      local tars opened with webdataset's gopen and walked seekable (the default)
   shards_stream      the same through webdataset's tar iteration on the local files (every byte read)
-  shards_http        the same from a local HTTP server on 127.0.0.1 (webdataset's curl opener)
+  shards_http        the same from a local HTTP server on 127.0.0.1 (webdataset's curl opener; the
+                     server and curl run in other processes: with --workers 0 their CPU time is
+                     not counted, only the timed process's reading of the stream)
   shards_before      (--before-rev REV) the loader as it was at git revision REV (e.g. the seek-only
                      reader with the shard-by-shard order), on the same shards
   --world N          time rank 0 of N simulated ranks (a worker reads 1/N of the samples: what
@@ -158,25 +160,31 @@ def load_revision(rev: str):
 
 
 def serve(root: str):
-    """A thread serving `root` on 127.0.0.1 -> (base URL, stop function)."""
-    import functools
-    import http.server
-    import threading
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-    class Server(http.server.ThreadingHTTPServer):
-        def handle_error(self, request, client_address):  # a reader that stops early resets: not news
-            pass
-    server = Server(("127.0.0.1", 0), functools.partial(Quiet, directory=root))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    """`python -m http.server` on 127.0.0.1 serving `root`, in its own process (so that its CPU time
+    is not the timed process's) -> (base URL, stop function)."""
+    import socket
+    import subprocess
+    import urllib.request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):  # wait until it answers (at most ~10 s)
+        try:
+            urllib.request.urlopen(base + "/index.json", timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        sys.exit(f"error: the benchmark's HTTP server on {base} did not start")
 
     def stop():
-        server.shutdown()
-        server.server_close()
-    return f"http://127.0.0.1:{server.server_address[1]}", stop
+        proc.terminate()
+        proc.wait(10)
+    return base, stop
 
 
 class _Streamed:

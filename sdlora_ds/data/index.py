@@ -5,6 +5,11 @@ gets) comes from here, without opening a tar. `ShardIndex.load` fails before tra
 with one line saying what is wrong, where, and how to fix it, for: a missing index, a wrong
 format, a listed shard that is missing, and (when verifying) a sha256 mismatch.
 `check_against` compares the index with the run config (class count, split names).
+
+Shard entries are paths relative to the index's folder or URLs; data.shard_url maps them to
+another place ('{path}' = the entry), e.g. the same folder behind HTTP or in an object store
+through a `pipe:` command (source.py). Local shards are checked for existence and sha256 here;
+remote ones are opened and their first header read (`probe`), their bytes are not hashed.
 """
 from __future__ import annotations
 

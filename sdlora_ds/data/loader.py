@@ -8,26 +8,34 @@ run resumed mid-epoch).
 
 The recipe (everything is planned from the index, no tar is opened to plan):
 
-1. Task stream. The task's shards (only those holding `class_ids`) in index order, and in each
-   shard its samples of `class_ids` in tar order, numbered p = 0..N-1 (N from the index).
-2. Train epoch, one global order shared by all ranks (numpy Generators seeded by (seed, epoch), no
-   rank in them): the shards in a seeded order (shard-level shuffle), their samples in tar order,
-   through a shuffle buffer of data.shuffle_buffer samples (sample-level shuffle; simulated on
-   positions, so every worker knows the order before reading a byte). The last N % world_size
-   samples of that order rest this epoch (different ones every epoch); the N' = N - N % world_size
-   others are cut into global batches of G = batch_size * world_size: step s covers positions
-   [sG, sG + G) and rank r takes the slice [sG + r*B, sG + (r+1)*B); a short last global batch
-   (N' % G samples, a multiple of world_size) is split equally. So every rank yields
-   N' / world_size samples in ceil(N' / G) batches, and as long as batch_size * world_size stays
-   the same (the trainer fixes the global batch), a step sees the same samples on 1 or 8 ranks.
+1. Task stream. Sources in index order: for evaluation, each task shard (only those holding
+   `class_ids`) with its samples of `class_ids` in tar order; for training, one source per (shard,
+   task class in it), its samples of that class in tar order. Positions p = 0..N-1 (N from the
+   index). Shards are opened from their location (a local path or any URL webdataset's gopen
+   opens: file:, http(s)://, pipe:; index entries or data.shard_url, see source.py).
+2. Train epoch, one global order shared by all ranks (order.py, seeded by (seed, epoch), no rank
+   in it): a uniformly random interleave of all the task's sources, so the class mix of every
+   batch is that of a full permutation, then a shuffle buffer of data.shuffle_buffer samples
+   (simulated on positions, so every worker knows the order before reading a byte). The last
+   N % world_size samples of that order rest this epoch (different ones every epoch); the
+   N' = N - N % world_size others are cut into global batches of G = batch_size * world_size:
+   step s covers positions [sG, sG + G) and rank r takes the slice [sG + r*B, sG + (r+1)*B); a
+   short last global batch (N' % G samples, a multiple of world_size) is split equally. So every
+   rank yields N' / world_size samples in ceil(N' / G) batches, and as long as batch_size *
+   world_size stays the same (the trainer fixes the global batch), a step sees the same samples on
+   1 or 8 ranks. The order depends on the index's counts only, not on where the shards are read
+   from: moving the shards to HTTP keeps a run's order.
 3. Eval: rank r takes the samples with p % world_size == r, in index order (no shuffle), padded
    with samples of label -1 (zero images) up to ceil(N / world_size). Every test sample is yielded
    exactly once over all ranks; the trainer ignores label -1.
 4. Workers: DataLoader worker w builds the rank's batches j = w, w + W, ... (W workers) and the
    DataLoader interleaves workers round-robin, so the batch order does not depend on W. A worker
-   reads, from the shards, only the bytes of samples in its own batches (tars are opened seekable;
-   other members are skipped, not read) and decodes only those. `len(loader)` is computed from
-   the index and is exactly what the rank yields.
+   keeps every source of the task open and reads them in the interleave's order, keeping only the
+   samples of its own batches (memory bound: order.py). Local tars are walked seekable, so other
+   members are skipped, not read; a stream (HTTP, pipe) is read through, so each worker of each
+   rank downloads the task's shards once per epoch (ranks x workers times in all: with shards on
+   remote storage, data.cache_task reads them once per rank and task). `len(loader)` is computed
+   from the index and is exactly what the rank yields.
 5. Augmentation randomness is seeded per sample from (seed, epoch, global position), inside
    torch.random.fork_rng: identical crops with any worker count or world size, and the caller's
    RNG is untouched.
@@ -35,7 +43,8 @@ The recipe (everything is planned from the index, no tar is opened to plan):
 Bad data (`BadDataError`, a RuntimeError naming shard and key): a sample without .cls, a
 non-integer or out-of-range class id, a class the index does not list for that shard, an image
 member that is missing, unreadable or does not decode, a tar that cannot be read to its end, a
-shard with fewer samples of a class than the index says. Each is logged (shard, key, reason) and
+shard with fewer samples of a class than the index says. A shard that cannot be opened at all
+(missing file, failed download or command) is not bad data: `ShardOpenError`, one line naming it. Each is logged (shard, key, reason) and
 counted per DataLoader worker and epoch (a shard problem seen by several workers is counted by
 each); once the count passes data.bad_sample_tolerance (default 0: the first one) the worker
 raises and the DataLoader re-raises in the trainer. Tolerated bad samples keep their place so the
@@ -129,9 +138,9 @@ class _TaskStream(IterableDataset):
         for path, n, per in index.shards(split, self.keep):
             mine = sorted(c for c in per if c in self.keep)
             groups = [frozenset(mine)] if not train else [frozenset([c]) for c in mine]
-            for g, cls in enumerate(groups):
+            for cls in groups:
                 count = sum(per[c] for c in cls)
-                self.shards.append(ShardRef(path, count, frozenset(per), start, cls, report=g == 0))
+                self.shards.append(ShardRef(path, count, frozenset(per), start, cls))
                 start += count
         self.total = start  # N: task samples in the split
         if self.total != index.count(split, self.keep):  # per-shard and per-split counts disagree

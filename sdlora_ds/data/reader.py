@@ -1,8 +1,10 @@
 """Reading task samples out of one WebDataset tar shard, with the bad-data accounting.
 
-`scan_shard` walks a shard's members in tar order (opened seekable: members that are not read are
-skipped with a seek, so a worker reads the bytes of its own samples only), groups them by key
-like webdataset (key = the name up to the first dot), keeps the samples of the task's classes,
+`scan_shard` opens a shard through webdataset's gopen (source.py) and walks its members in tar
+order: a local file seekable (members that are not read are skipped with a seek, so a worker reads
+the bytes of its own samples only: measured faster, bench/RESULTS.md), any other stream through
+webdataset's tar iteration. It groups members by key like webdataset (key = the name up to the
+first dot), keeps the samples of the source's classes,
 and yields exactly the number of them the index promises: missing ones become placeholders at the
 end, more than promised is an error. Unattributable samples (no .cls, a bad class id, a class the
 index does not list for the shard), unreadable tars and missing samples go to an `on_bad`
@@ -41,7 +43,6 @@ class ShardRef:
     listed: frozenset  # every class the index lists for this shard
     start: int      # position p of its first sample in the task stream
     keep: frozenset = frozenset()  # the classes this source yields
-    report: bool = True  # report unattributable samples (one source per shard does)
 
 
 @dataclass
@@ -59,8 +60,9 @@ def scan_shard(si: int, sh: ShardRef, keep: frozenset, num_classes: int, want: C
                stop_after: int, on_bad: Callable[..., None]) -> Iterator[SampleRec]:
     """Yield the shard's task samples k = 0.. in tar order, exactly sh.count of them (placeholders
     at the end when samples are missing), reading image bytes only where want(k). Stops after k ==
-    stop_after. on_bad(shard, key, reason) is told about every unattributable sample (when
-    sh.report; several sources reading the same shard leave that to one of them).
+    stop_after. on_bad(shard, key, reason) is told about every unattributable sample it passes
+    (a shard read for several classes reports such a sample once per class source that passes it:
+    counted more than once rather than missed).
 
     The shard is opened with webdataset's gopen (source.py). A local file is walked with tarfile
     in seekable mode, so members that are not wanted are skipped with a seek; any other stream goes
@@ -70,8 +72,7 @@ def scan_shard(si: int, sh: ShardRef, keep: frozenset, num_classes: int, want: C
 
     def report(shard: str, key: str, reason: str) -> None:
         unattributed[0] += 1
-        if sh.report:
-            on_bad(shard, key, reason)
+        on_bad(shard, key, reason)
 
     stream = open_shard(sh.path)  # ShardOpenError (one line) when the opener itself fails
     group: Optional[str] = None
@@ -103,8 +104,7 @@ def scan_shard(si: int, sh: ShardRef, keep: frozenset, num_classes: int, want: C
     except (OSError, tarfile.TarError, EOFError) as e:
         if not started and local_path(sh.path) is None:  # nothing came: the download or command failed
             raise open_failure(sh.path, stream, e) from None
-        if sh.report or group is not None:
-            on_bad(sh.path, group or "<start>", f"tar unreadable after this key: {e}")
+        on_bad(sh.path, group or "<start>", f"tar unreadable after this key: {e}")
     finally:
         _close(stream)
     missing = sh.count - k - unattributed[0]  # not explained by a sample reported above
