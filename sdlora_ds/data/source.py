@@ -121,8 +121,14 @@ def open_shard(location: str):
 
 def open_failure(location: str, stream, err: Optional[BaseException]) -> ShardOpenError:
     """The error for a stream that gave no tar at all (empty stream, failed command or download)."""
-    return ShardOpenError(f"cannot open shard {location!r}: {_why(stream, err)}; check that the URL or "
-                          f"command works by itself (e.g. `curl -f URL | tar t`) and data.shard_url")
+    if scheme(location) == "pipe":
+        test = f"`{location[5:]} | tar t`"
+    elif local_path(location) is None:
+        test = f"`curl -fsSL {location} | tar t`"
+    else:
+        test = f"`tar tf {local_path(location)}`"
+    return ShardOpenError(f"cannot open shard {location!r}: {_why(stream, err)}; check that {test} works "
+                          f"and the index entry / data.shard_url")
 
 
 def _probe_one(location: str) -> Optional[str]:
@@ -153,8 +159,14 @@ def probe(locations: Sequence[str], threads: int = 8) -> None:
     remote = [loc for loc in locations if local_path(loc) is None]
     if not remote:
         return
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(remote)))) as ex:
-        errors = [e for e in ex.map(_probe_one, remote) if e]
+    # the first alone: a wrong template fails every shard, and a command's own stderr (which
+    # gopen passes through) should then say it once, not once per shard
+    errors = [e for e in [_probe_one(remote[0])] if e]
+    if not errors:
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(remote) - 1))) as ex:
+            errors = [e for e in ex.map(_probe_one, remote[1:]) if e]
     if errors:
         more = f" ({len(errors) - 1} more of {len(remote)} remote shards failed too)" if len(errors) > 1 else ""
+        if len(errors) == 1 and len(remote) > 1 and _probe_one(remote[-1]):  # first failed: is it all?
+            more = " (the last remote shard fails too: check data.shard_url)"
         raise ShardOpenError(errors[0] + more)
