@@ -225,7 +225,8 @@ class DataConfig:
     bad_sample_tolerance: int = 0
     """Corrupt or unreadable samples tolerated before the run stops with a report."""
     verify_checksums: bool = True
-    """Check every shard's sha256 against the index before training."""
+    """Check every local shard's sha256 against the index before training (remote shards, see
+    shard_url, are opened and their first header read instead; their bytes are not hashed)."""
     decode: str = "cpu"
     """Where images are decoded and augmented: 'cpu' (DataLoader workers; JPEGs at reduced DCT scale
     when the crop allows it), 'cuda' (workers read bytes; nvjpeg decode + augmentation on the GPU;

@@ -305,3 +305,16 @@ def test_bad_sample_in_a_shard_of_several_task_classes(tmp_path):
     loader = build_loader(index, id_cfg(bad_sample_tolerance=2), num_workers=2, **kw)
     ids = [i for x, _ in loader for i in decode_ids(x)]
     assert len(ids) == 15 and len(loader) == 4 and all(i in truth["train"] for i in ids)
+
+
+def test_samples_held_stay_within_the_stated_bound(tmp_path):
+    """order.py's bound: a worker holds at most shuffle_buffer + batch_size read samples waiting for
+    their batch, and with the task larger than the buffer, far fewer than the task."""
+    path, _ = write_id_shards(str(tmp_path), {"train": [[(c, 60)] for c in range(10)]}, num_classes=10)
+    index = ShardIndex.load(path)
+    for world, rank in [(1, 0), (3, 2)]:
+        loader = build_loader(index, id_cfg(shuffle_buffer=50), split="train", class_ids=range(10), train=True,
+                              batch_size=8, rank=rank, world_size=world, seed=1, epoch=0)
+        n = sum(len(y) for _, y in loader)
+        assert n == 600 // world
+        assert 8 <= loader.dataset.peak_held <= 50 + 8

@@ -206,6 +206,7 @@ class _TaskStream(IterableDataset):
         bad = BadCounter(self.tolerance)
         source = self._records(items, needed_in, bad.add)
         pending: dict[int, Optional[SampleRec]] = {}
+        self.peak_held = 0
         last_good: Optional[tuple[torch.Tensor, int]] = None
         for j in my_batches:
             recs = []
@@ -213,6 +214,7 @@ class _TaskStream(IterableDataset):
                 while i not in pending:
                     pos, rec = next(source)
                     pending[pos] = rec
+                self.peak_held = max(self.peak_held, len(pending))  # the memory bound of order.py
                 recs.append(pending.pop(i))
             seeds = [_seed(self.seed, self.epoch, q, 3) for q in positions[j]] if positions else None
             images, labels, last_good = self._batch(recs, seeds, bad, last_good)

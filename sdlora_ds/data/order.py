@@ -23,10 +23,11 @@ The order here, computed on positions only (no byte read, identical in every wor
    correlates with its place in the tar when the task is much larger than the buffer.
 
 Memory bound, per DataLoader worker: one open stream (file, HTTP connection or pipe process) per
-source of the task, plus at most data.shuffle_buffer + batch_size * world_size encoded samples
-held between reading and batching (a sample is read at its interleave position and used at its
-output position, at most one buffer behind), plus the plan itself: two int32 arrays of the task's
-sample count.
+source of the task, plus at most data.shuffle_buffer + batch_size encoded samples held between
+reading and batching (a worker reads its samples in interleave order up to the last input of its
+current batch, which is at most one buffer past that batch's output positions, so what it holds
+for later batches came out of the buffer's at most shuffle_buffer slots), plus the plan itself:
+arrays of the task's sample count.
 
 Seeded by (seed, epoch) only: the same on every rank, with any worker count, and on resume.
 """
