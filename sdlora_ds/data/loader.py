@@ -43,15 +43,15 @@ The recipe (everything is planned from the index, no tar is opened to plan):
 Bad data (`BadDataError`, a RuntimeError naming shard and key): a sample without .cls, a
 non-integer or out-of-range class id, a class the index does not list for that shard, an image
 member that is missing, unreadable or does not decode, a tar that cannot be read to its end, a
-shard with fewer samples of a class than the index says. A shard that cannot be opened at all
-(missing file, failed download or command) is not bad data: `ShardOpenError`, one line naming it. Each is logged (shard, key, reason) and
+shard with fewer samples of a class than the index says. Each is logged (shard, key, reason) and
 counted per DataLoader worker and epoch (a shard problem seen by several workers is counted by
 each); once the count passes data.bad_sample_tolerance (default 0: the first one) the worker
 raises and the DataLoader re-raises in the trainer. Tolerated bad samples keep their place so the
 batch counts stay exact: in training the slot is filled with a copy of another sample of the same
 batch (or the worker's previous sample); in evaluation it becomes a label -1 padding sample.
 A shard with MORE samples of the task's classes than the index says is always an error (the index
-is out of date).
+is out of date). A shard that cannot be opened at all (missing file, failed download or command)
+is not bad data: `ShardOpenError` (source.py), one line naming it, whatever the tolerance.
 
 DataLoader workers are forked on Linux (even where the default start method is 'spawn'): they
 start in milliseconds and share the cache's memory. persistent_workers is off: a new loader per
@@ -172,8 +172,9 @@ class _TaskStream(IterableDataset):
     # ------------------------------------------------------------------ planning
     def _plan(self) -> tuple[tuple, list[list[int]], Optional[list[list[int]]]]:
         """(items, batches, positions): items = (src, k) arrays, the input sequence in reading order
-        (sample k of source src; src -1 = eval padding); batches[j] = input positions of the rank's batch j; positions[j] =
-        their global output positions (train: they seed the augmentation), None for eval."""
+        (sample k of source src; src -1 = eval padding); batches[j] = input positions of the rank's
+        batch j; positions[j] = their global output positions (train: they seed the augmentation),
+        None for eval."""
         B, world, r = self.batch_size, self.world, self.rank
         if not self.train:
             own = [(si, k) for si, sh in enumerate(self.shards) for k in _own_ks(sh, r, world)]
