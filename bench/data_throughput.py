@@ -13,7 +13,16 @@ at conversion); then times one training epoch of decode + SPEC train augmentatio
   imagefolder_v1     the same with the classic v1 PIL transforms the reference code uses
   shards_reference   build_loader on the shards, data.decode = "reference" (the baseline's work)
   shards             build_loader, data.decode = "cpu": crop planned from the header, JPEG decoded
-                     at reduced DCT scale when the crop allows it, only the crop region resampled
+                     at reduced DCT scale when the crop allows it, only the crop region resampled;
+                     local tars opened with webdataset's gopen and walked seekable (the default)
+  shards_stream      the same through webdataset's tar iteration on the local files (every byte read)
+  shards_http        the same from a local HTTP server on 127.0.0.1 (webdataset's curl opener; the
+                     server and curl run in other processes: with --workers 0 their CPU time is
+                     not counted, only the timed process's reading of the stream)
+  shards_before      (--before-rev REV) the loader as it was at git revision REV (e.g. the seek-only
+                     reader with the shard-by-shard order), on the same shards
+  --world N          time rank 0 of N simulated ranks (a worker reads 1/N of the samples: what
+                     seeking saves over streaming grows with ranks x workers)
   shards_resizedN    the same on shards resized at conversion (--resized N: shorter side N, 448
                      and 256 by default): faster to decode, but another input distribution (a
                      crop holds fewer source pixels: more crops are upsampled, i.e. blurrier)
@@ -131,6 +140,65 @@ def decode_costs(src: str, clock, n: int = 64, rounds: int = 3) -> dict:
     return {k: round(v, 3) for k, v in best.items()}
 
 
+def load_revision(rev: str):
+    """build_loader as it was at git revision `rev` (its loader.py + reader.py, with today's index,
+    transforms and decode modules): to time today's change against what it replaced, in one run."""
+    import importlib.util
+    import subprocess
+    import types
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mods = {}
+    for name in ("reader", "loader"):
+        src = subprocess.run(["git", "-C", repo, "show", f"{rev}:sdlora_ds/data/{name}.py"], check=True,
+                             capture_output=True, text=True).stdout
+        src = src.replace("from sdlora_ds.data.reader import", "from _before_reader import")
+        mod = types.ModuleType(f"_before_{name}")
+        sys.modules[mod.__name__] = mod
+        exec(compile(src, f"{rev}:sdlora_ds/data/{name}.py", "exec"), mod.__dict__)
+        mods[name] = mod
+    return mods["loader"].build_loader
+
+
+def serve(root: str):
+    """`python -m http.server` on 127.0.0.1 serving `root`, in its own process (so that its CPU time
+    is not the timed process's) -> (base URL, stop function)."""
+    import socket
+    import subprocess
+    import urllib.request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):  # wait until it answers (at most ~10 s)
+        try:
+            urllib.request.urlopen(base + "/index.json", timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        sys.exit(f"error: the benchmark's HTTP server on {base} did not start")
+
+    def stop():
+        proc.terminate()
+        proc.wait(10)
+    return base, stop
+
+
+class _Streamed:
+    """A loader factory that walks local tars through webdataset's tar iteration (no seek)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __call__(self, epoch):
+        from sdlora_ds.data import reader
+        reader.SEEK_LOCAL = False  # read by forked workers at iteration: restored by time_epoch's caller
+        return self.make(epoch)
+
+
 def time_epoch(loader, clock, sync) -> tuple[float, int]:
     t0, n = clock(), 0
     for x, _ in loader:
@@ -153,6 +221,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--resized", type=int, nargs="*", default=[448, 256],
                     help="also time shards converted with --resize-shorter N, for each N")
     ap.add_argument("--out-json", default=None, help="also write the final JSON line to this file")
+    ap.add_argument("--before-rev", default=None, metavar="REV",
+                    help="also time the loader of this git revision (shards_before)")
+    ap.add_argument("--world", type=int, default=1, help="simulated ranks; rank 0 is timed")
+    ap.add_argument("--no-http", action="store_true", help="skip the HTTP variant")
     add_timing_args(ap)
     a = ap.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -184,16 +256,23 @@ def main(argv=None) -> dict:
             ds = ImageFolder(os.path.join(src, "train"), transform=transform)
             return torch.utils.data.DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.workers)
 
-        kw = dict(split="train", class_ids=classes, train=True, batch_size=a.batch, rank=0, world_size=1,
+        kw = dict(split="train", class_ids=classes, train=True, batch_size=a.batch, rank=0, world_size=a.world,
                   num_workers=a.workers)
 
-        def shards(ix, decode):
+        def shards(ix, decode, build=build_loader):
             c = DataConfig(index=ix.path, num_workers=a.workers, decode=decode)
-            return lambda e: build_loader(ix, c, seed=0, epoch=e, **kw)
+            return lambda e: build(ix, c, seed=0, epoch=e, **kw)
+        stop_http = None
+        extra = {"shards_stream": _Streamed(shards(index, "cpu"))}
+        if not a.no_http:
+            base, stop_http = serve(os.path.join(work, "shards"))
+            extra["shards_http"] = shards(ShardIndex.load(idx_full, shard_url=base + "/{path}"), "cpu")
+        if a.before_rev:
+            extra["shards_before"] = shards(index, "cpu", load_revision(a.before_rev))
         variants = {"imagefolder": lambda e: folder(build_reference_transform(cfg, train=True)),
                     "imagefolder_v1": lambda e: folder(classic),
                     "shards_reference": shards(index, "reference"),
-                    "shards": shards(index, "cpu"),
+                    "shards": shards(index, "cpu"), **extra,
                     **{f"shards_resized{n}": shards(ix, "cpu") for n, ix in resized.items()}}
         if a.device.startswith("cuda"):
             variants["cuda"] = shards(index, "cuda")
@@ -204,7 +283,11 @@ def main(argv=None) -> dict:
         times: dict[str, list] = {k: [] for k in variants}
         for rep in range(a.repeats):  # interleaved: a burst of load from elsewhere hits every variant
             for k, make in variants.items():
+                from sdlora_ds.data import reader
                 times[k].append(time_epoch(make(rep + 1), clock, sync))
+                reader.SEEK_LOCAL = True
+        if stop_http is not None:
+            stop_http()
         stat = STATS[a.stat]
         runs = {k: (stat([t for t, _ in v]), v[0][1]) for k, v in times.items()}
         fid = fidelity(src, cfg, a.resized)
@@ -219,19 +302,20 @@ def main(argv=None) -> dict:
     w = max(1, a.workers)
     rate = {k: n / t / w for k, (t, n) in runs.items()}
     longer = [max(d) for d in dims]
-    print(f"{a.images} JPEGs, longer side {min(longer)}-{max(longer)} px (mean {np.mean(longer):.0f}), "
+    print(f"{a.world} simulated rank(s), rank 0 timed; {a.images} JPEGs, longer side {min(longer)}-{max(longer)} px (mean {np.mean(longer):.0f}), "
           f"noise +-{a.noise}, {sizes['jpeg_bits_per_px']:.2f} bits/px, batch {a.batch}, "
           f"{a.workers} worker(s), {a.repeats} epochs per variant ({a.stat}), clock {a.clock}, "
           f"{device_name('cpu')}; 224 px train transform")
     for k, v in rate.items():
-        print(f"  {k:18s} {v:8.1f} img/s per worker   x{v / rate['imagefolder']:.2f} vs imagefolder")
+        print(f"  {k:18s} {v:8.1f} img/s per worker   x{v / rate['imagefolder']:.2f} vs imagefolder"
+              + (f"   x{v / rate['shards_before']:.3f} vs shards_before" if "shards_before" in rate else ""))
     print("  bare decode, ms per image: " + ", ".join(f"{k} {v}" for k, v in dec.items()))
     for k, v in fid.items():
         print(f"  vs reference, {k}: mean |diff| {v['mean_abs_diff']}, sharpness ratio {v['sharpness_ratio']}")
     print("  shard MiB: " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sizes.items() if k != "jpeg_bits_per_px"))
     result = {"bench": "data_throughput", "device": a.device if a.device == "cpu" else device_name(a.device),
               "images": a.images, "longer_side": [min(longer), max(longer)], "noise": a.noise,
-              "jpeg_bits_per_px": round(sizes.pop("jpeg_bits_per_px"), 2), "workers": a.workers, "batch": a.batch,
+              "jpeg_bits_per_px": round(sizes.pop("jpeg_bits_per_px"), 2), "workers": a.workers, "batch": a.batch, "world": a.world,
               "repeats": a.repeats, "stat": a.stat, "clock": a.clock,
               "ips_per_worker": {k: round(v, 1) for k, v in rate.items()},
               **{f"{k}_over_imagefolder": round(v / rate["imagefolder"], 3) for k, v in rate.items()

@@ -201,6 +201,10 @@ class DataConfig:
     index: str = ""
     """Path of the shard index JSON written by a converter in shards/ (relative paths are taken from
     the current directory)."""
+    shard_url: str = ""
+    """Where the shards are read from: a template, '{path}' = a shard's path as the index lists it,
+    opened with webdataset's openers, e.g. 'https://host/imagenet-r/{path}' or 'pipe:aws s3 cp
+    s3://bucket/imagenet-r/{path} -'; empty = the index's paths (relative to its folder, or URLs)."""
     train_split: str = "train"
     """Split of the index used for training."""
     test_split: str = "test"
@@ -230,7 +234,8 @@ class DataConfig:
     bad_sample_tolerance: int = 0
     """Corrupt or unreadable samples tolerated before the run stops with a report."""
     verify_checksums: bool = True
-    """Check every shard's sha256 against the index before training."""
+    """Check every local shard's sha256 against the index before training (remote shards, see
+    shard_url, are opened and their first header read instead; their bytes are not hashed)."""
     decode: str = "cpu"
     """Where images are decoded and augmented: 'cpu' (DataLoader workers; JPEGs at reduced DCT scale
     when the crop allows it), 'cuda' (workers read bytes; nvjpeg decode + augmentation on the GPU;
@@ -239,6 +244,9 @@ class DataConfig:
     def validate(self, p: str) -> None:
         if not self.index:
             _fail(f"{p}.index", self.index, "give the path of a shard index JSON (see shards/)")
+        if self.shard_url and "{path}" not in self.shard_url:
+            _fail(f"{p}.shard_url", self.shard_url, "must contain '{path}' (replaced by each shard's index path), "
+                  "e.g. 'https://host/data/{path}'")
         for name in ("image_size", "test_resize"):
             if getattr(self, name) <= 0:
                 _fail(f"{p}.{name}", getattr(self, name), "must be > 0")

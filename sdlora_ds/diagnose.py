@@ -58,7 +58,7 @@ def diagnose_run(run_dir: str, batch_size: int = 100) -> dict:
     from .export import load_final_model
     model, cfg, _ = load_final_model(run_dir)
     schedule = TaskSchedule.from_config(cfg.cil)
-    index = ShardIndex.load(cfg.data.index)
+    index = ShardIndex.load(cfg.data.index, shard_url=cfg.data.shard_url)
     lut = schedule.position_lookup(cfg.cil.num_classes)
     seen = schedule.seen_classes(cfg.cil.num_tasks - 1)
     loader = build_loader(index, cfg.data, split=cfg.data.test_split, class_ids=seen, train=False,

@@ -50,7 +50,8 @@ def check(cfg: RunConfig, resume, world_size: int = 1) -> None:
     if b.source == "pretrained" and b.path and not os.path.exists(b.path):
         raise missing_backbone_path(b.path)
     from sdlora_ds.data.index import ShardIndex
-    index = ShardIndex.load(cfg.data.index, verify_checksums=False, clues=[cfg.name])
+    index = ShardIndex.load(cfg.data.index, verify_checksums=False, clues=[cfg.name],
+                            shard_url=cfg.data.shard_url)
     index.check_against(cfg.cil.num_classes, [cfg.data.train_split, cfg.data.test_split])
     if resume not in (None, "auto") and not os.path.isdir(resume):
         raise ValueError(f"--resume {resume!r}: no such checkpoint folder{where(resume)}; use --resume auto or "

@@ -76,7 +76,8 @@ class Trainer:
         cfg = self.cfg
         self.schedule = TaskSchedule.from_config(cfg.cil)
         # Bad inputs fail here, before the model is built or any training starts.
-        self.index = ShardIndex.load(cfg.data.index, verify_checksums=cfg.data.verify_checksums)
+        self.index = ShardIndex.load(cfg.data.index, verify_checksums=cfg.data.verify_checksums,
+                                     shard_url=cfg.data.shard_url)
         self.index.check_against(cfg.cil.num_classes, [cfg.data.train_split, cfg.data.test_split])
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg)  # cfg.method: 'sdlora' or a baseline

@@ -291,3 +291,30 @@ def test_two_process_gloo_epoch_does_not_hang(uneven, tmp_path):
     steps, length, ids = open(tmp_path / "result.txt").read().split(" ", 2)
     assert int(steps) == int(length) > 0
     assert eval(ids) == sorted(truth["test"])
+
+
+def test_bad_sample_in_a_shard_of_several_task_classes(tmp_path):
+    """Training reads a multi-class shard once per class (order.py): a sample without .cls there
+    is still reported with shard and key, and tolerated, the counts stay exact."""
+    path, truth = write_id_shards(str(tmp_path), {"train": [[(0, 5), (1, 6)], [(2, 4)]]}, num_classes=3,
+                                  tamper={("train", 0): _drop_cls})
+    index = ShardIndex.load(path)
+    kw = dict(split="train", class_ids=[0, 1, 2], train=True, batch_size=4, rank=0, world_size=1, seed=0)
+    with pytest.raises(BadDataError, match=r"train-000000.tar key train_0000_000001: no .cls"):
+        list(build_loader(index, id_cfg(), **kw))
+    loader = build_loader(index, id_cfg(bad_sample_tolerance=2), num_workers=2, **kw)
+    ids = [i for x, _ in loader for i in decode_ids(x)]
+    assert len(ids) == 15 and len(loader) == 4 and all(i in truth["train"] for i in ids)
+
+
+def test_samples_held_stay_within_the_stated_bound(tmp_path):
+    """order.py's bound: a worker holds at most shuffle_buffer + batch_size read samples waiting for
+    their batch, and with the task larger than the buffer, far fewer than the task."""
+    path, _ = write_id_shards(str(tmp_path), {"train": [[(c, 60)] for c in range(10)]}, num_classes=10)
+    index = ShardIndex.load(path)
+    for world, rank in [(1, 0), (3, 2)]:
+        loader = build_loader(index, id_cfg(shuffle_buffer=50), split="train", class_ids=range(10), train=True,
+                              batch_size=8, rank=rank, world_size=world, seed=1, epoch=0)
+        n = sum(len(y) for _, y in loader)
+        assert n == 600 // world
+        assert 8 <= loader.dataset.peak_held <= 50 + 8

@@ -5,13 +5,20 @@ gets) comes from here, without opening a tar. `ShardIndex.load` fails before tra
 with one line saying what is wrong, where, and how to fix it, for: a missing index, a wrong
 format, a listed shard that is missing, and (when verifying) a sha256 mismatch.
 `check_against` compares the index with the run config (class count, split names).
+
+Shard entries are paths relative to the index's folder or URLs; data.shard_url maps them to
+another place ('{path}' = the entry), e.g. the same folder behind HTTP or in an object store
+through a `pipe:` command (source.py). Local shards are checked for existence and sha256 here;
+remote ones are opened and their first header read (`probe`), their bytes are not hashed.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
+from sdlora_ds.data.source import check_scheme, check_template, local_path, resolve
+from sdlora_ds.data.source import probe as probe_locations
 from sdlora_ds.fileio import sha256_file
 
 FORMAT = "sdlora-ds-shards/1"
@@ -63,12 +70,20 @@ class ShardIndex:
         self.class_names: list[str] = list(raw["class_names"])
         self.num_classes: int = int(raw["num_classes"])
         self.splits: list[str] = list(raw["splits"])
+        self.shard_url = ""  # data.shard_url given to `load`: every location query maps through it
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str, verify_checksums: bool = False, clues: Sequence[str] = ()) -> "ShardIndex":
+    def load(cls, path: str, verify_checksums: bool = False, clues: Sequence[str] = (), shard_url: str = "",
+             probe: bool = True) -> "ShardIndex":
         """clues: names that identify the dataset when the index cannot say (e.g. the run name),
-        for the rebuild hint of a missing or broken index (`converter_hint`)."""
+        for the rebuild hint of a missing or broken index (`converter_hint`).
+        shard_url: data.shard_url, a template mapping each shard entry to its location ('{path}'
+        = the entry; see source.py); empty: entries are paths relative to the index's folder, or
+        URLs themselves. Local shards must exist (and match their sha256 when verifying); with
+        `probe`, every remote shard is opened and its first tar header read, so that a wrong URL
+        stops here with one line naming it. The bytes of remote shards are not hashed here."""
+        check_template(shard_url)
         if not os.path.isfile(path):
             where = "" if os.path.isabs(path) else f" (relative to the current directory {os.getcwd()!r})"
             raise ValueError(f"shard index {path!r} does not exist{where}; set data.index to the index.json "
@@ -86,9 +101,16 @@ class ShardIndex:
                              f"{converter_hint(path, clues)}")
         cls._check_structure(raw, path, converter_hint(path, clues))
         index = cls(raw, path)
+        index.shard_url = shard_url
+        remote = []
         for split in index.splits:
             for sh in raw["splits"][split]["shards"]:
-                full = index._abs(sh["path"])
+                loc = index.location(sh["path"], shard_url)
+                check_scheme(loc, f"shard index {path!r} (split {split!r})")
+                full = local_path(loc)
+                if full is None:
+                    remote.append(loc)
+                    continue
                 if not os.path.isfile(full):
                     raise ValueError(f"shard {full!r} (split {split!r}) listed in {path!r} is missing; copy "
                                      f"the whole shard folder or re-run the converter that wrote it")
@@ -98,6 +120,8 @@ class ShardIndex:
                         raise ValueError(f"shard {full!r} has sha256 {got[:16]}..., the index {path!r} says "
                                          f"{sh['sha256'][:16]}...: the file is damaged or from another "
                                          f"conversion; re-copy it or re-run the converter")
+        if probe:
+            probe_locations(remote)
         return index
 
     @staticmethod
@@ -134,8 +158,10 @@ class ShardIndex:
                           f"{sum(s['per_class'])}, num_samples = {s['num_samples']}")
 
     # ------------------------------------------------------------------ queries
-    def _abs(self, rel: str) -> str:
-        return os.path.normpath(os.path.join(self.root, rel))
+    def location(self, entry: str, shard_url: Optional[str] = None) -> str:
+        """Where the shard listed as `entry` is read from (source.resolve); shard_url None = the
+        template the index was loaded with."""
+        return resolve(self.root, entry, self.shard_url if shard_url is None else shard_url)
 
     def _split(self, split: str) -> dict:
         if split not in self.raw["splits"]:
@@ -155,21 +181,21 @@ class ShardIndex:
         per_class = self._split(split)["per_class"]
         return sum(per_class[c] for c in self._classes(class_ids))
 
-    def shards(self, split: str, class_ids: Iterable[int]) -> list[tuple[str, int, dict]]:
-        """(absolute path, samples of class_ids in it, {class id: count}) for every shard of `split`
-        holding any of `class_ids`, in index order."""
+    def shards(self, split: str, class_ids: Iterable[int], shard_url: Optional[str] = None) -> list[tuple[str, int, dict]]:
+        """(location, samples of class_ids in it, {class id: count}) for every shard of `split`
+        holding any of `class_ids`, in index order. Location: absolute path or URL (`location`)."""
         ids = self._classes(class_ids)
         out = []
         for sh in self._split(split)["shards"]:
             per = {int(c): int(k) for c, k in sh["per_class"].items()}
             n = sum(k for c, k in per.items() if c in ids)
             if n:
-                out.append((self._abs(sh["path"]), n, per))
+                out.append((self.location(sh["path"], shard_url), n, per))
         return out
 
-    def shard_paths(self, split: str, class_ids: Iterable[int]) -> list[str]:
-        """Absolute paths of only the shards of `split` that hold any of `class_ids` (index order)."""
-        return [p for p, _, _ in self.shards(split, class_ids)]
+    def shard_paths(self, split: str, class_ids: Iterable[int], shard_url: Optional[str] = None) -> list[str]:
+        """Locations of only the shards of `split` that hold any of `class_ids` (index order)."""
+        return [p for p, _, _ in self.shards(split, class_ids, shard_url)]
 
     def check_against(self, num_classes: int, splits: Sequence[str]) -> None:
         """ValueError naming the config field when the config does not match this index.

@@ -8,26 +8,34 @@ run resumed mid-epoch).
 
 The recipe (everything is planned from the index, no tar is opened to plan):
 
-1. Task stream. The task's shards (only those holding `class_ids`) in index order, and in each
-   shard its samples of `class_ids` in tar order, numbered p = 0..N-1 (N from the index).
-2. Train epoch, one global order shared by all ranks (numpy Generators seeded by (seed, epoch), no
-   rank in them): the shards in a seeded order (shard-level shuffle), their samples in tar order,
-   through a shuffle buffer of data.shuffle_buffer samples (sample-level shuffle; simulated on
-   positions, so every worker knows the order before reading a byte). The last N % world_size
-   samples of that order rest this epoch (different ones every epoch); the N' = N - N % world_size
-   others are cut into global batches of G = batch_size * world_size: step s covers positions
-   [sG, sG + G) and rank r takes the slice [sG + r*B, sG + (r+1)*B); a short last global batch
-   (N' % G samples, a multiple of world_size) is split equally. So every rank yields
-   N' / world_size samples in ceil(N' / G) batches, and as long as batch_size * world_size stays
-   the same (the trainer fixes the global batch), a step sees the same samples on 1 or 8 ranks.
+1. Task stream. Sources in index order: for evaluation, each task shard (only those holding
+   `class_ids`) with its samples of `class_ids` in tar order; for training, one source per (shard,
+   task class in it), its samples of that class in tar order. Positions p = 0..N-1 (N from the
+   index). Shards are opened from their location (a local path or any URL webdataset's gopen
+   opens: file:, http(s)://, pipe:; index entries or data.shard_url, see source.py).
+2. Train epoch, one global order shared by all ranks (order.py, seeded by (seed, epoch), no rank
+   in it): a uniformly random interleave of all the task's sources, so the class mix of every
+   batch is that of a full permutation, then a shuffle buffer of data.shuffle_buffer samples
+   (simulated on positions, so every worker knows the order before reading a byte). The last
+   N % world_size samples of that order rest this epoch (different ones every epoch); the
+   N' = N - N % world_size others are cut into global batches of G = batch_size * world_size:
+   step s covers positions [sG, sG + G) and rank r takes the slice [sG + r*B, sG + (r+1)*B); a
+   short last global batch (N' % G samples, a multiple of world_size) is split equally. So every
+   rank yields N' / world_size samples in ceil(N' / G) batches, and as long as batch_size *
+   world_size stays the same (the trainer fixes the global batch), a step sees the same samples on
+   1 or 8 ranks. The order depends on the index's counts only, not on where the shards are read
+   from: moving the shards to HTTP keeps a run's order.
 3. Eval: rank r takes the samples with p % world_size == r, in index order (no shuffle), padded
    with samples of label -1 (zero images) up to ceil(N / world_size). Every test sample is yielded
    exactly once over all ranks; the trainer ignores label -1.
 4. Workers: DataLoader worker w builds the rank's batches j = w, w + W, ... (W workers) and the
    DataLoader interleaves workers round-robin, so the batch order does not depend on W. A worker
-   reads, from the shards, only the bytes of samples in its own batches (tars are opened seekable;
-   other members are skipped, not read) and decodes only those. `len(loader)` is computed from
-   the index and is exactly what the rank yields.
+   keeps every source of the task open and reads them in the interleave's order, keeping only the
+   samples of its own batches (memory bound: order.py). Local tars are walked seekable, so other
+   members are skipped, not read; a stream (HTTP, pipe) is read through, so each worker of each
+   rank downloads the task's shards once per epoch (ranks x workers times in all: with shards on
+   remote storage, data.cache_task reads them once per rank and task). `len(loader)` is computed
+   from the index and is exactly what the rank yields.
 5. Augmentation randomness is seeded per sample from (seed, epoch, global position), inside
    torch.random.fork_rng: identical crops with any worker count or world size, and the caller's
    RNG is untouched.
@@ -42,7 +50,8 @@ raises and the DataLoader re-raises in the trainer. Tolerated bad samples keep t
 batch counts stay exact: in training the slot is filled with a copy of another sample of the same
 batch (or the worker's previous sample); in evaluation it becomes a label -1 padding sample.
 A shard with MORE samples of the task's classes than the index says is always an error (the index
-is out of date).
+is out of date). A shard that cannot be opened at all (missing file, failed download or command)
+is not bad data: `ShardOpenError` (source.py), one line naming it, whatever the tolerance.
 
 DataLoader workers are forked on Linux (even where the default start method is 'spawn'): they
 start in milliseconds and share the cache's memory. persistent_workers is off: a new loader per
@@ -65,6 +74,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdlora_ds.data.decode import require_cuda, wrap_for_device
 from sdlora_ds.data.index import ShardIndex
+from sdlora_ds.data.order import epoch_order
 from sdlora_ds.data.reader import BadDataError, BadCounter, SampleRec, scan_shard, ShardRef
 from sdlora_ds.data.transforms import build_transform
 
@@ -74,22 +84,6 @@ __all__ = ["BadDataError", "TaskCache", "build_loader", "clear_caches"]
 def _own_ks(sh: ShardRef, rank: int, world: int) -> range:
     """Positions k in the shard owned by `rank`: (sh.start + k) % world == rank."""
     return range((rank - sh.start) % world, sh.count, world)
-
-
-def _buffer_order(n: int, buf: int, rng: np.random.Generator) -> list[int]:
-    """Output order (input positions) of a shuffle buffer of size `buf` over n items: fill the
-    buffer, then emit a random slot and refill it with the next input; drain shuffled. Computed on
-    positions only, so every worker knows which sample comes out where before reading any."""
-    if n <= buf:
-        return [int(i) for i in rng.permutation(n)]
-    slots = list(range(buf))
-    picks = rng.integers(0, buf, size=n - buf)
-    out = []
-    for i, j in zip(range(buf, n), picks):
-        out.append(slots[j])
-        slots[j] = i
-    out.extend(slots[i] for i in rng.permutation(buf))
-    return out
 
 
 def _seed(*parts: int) -> int:
@@ -114,7 +108,7 @@ class TaskCache:
               on_bad: Callable[..., None]) -> None:
         self.clear()
         for si, sh in enumerate(shards):
-            for rec in scan_shard(si, sh, keep, num_classes, lambda k: True, sh.count - 1, on_bad):
+            for rec in scan_shard(si, sh, sh.keep, num_classes, lambda k: True, sh.count - 1, on_bad):
                 self.items[(si, rec.k)] = rec
                 self.nbytes += len(rec.data or b"")
         self.key = key
@@ -138,11 +132,16 @@ class _TaskStream(IterableDataset):
         self.shuffle_buffer = cfg.shuffle_buffer
         self.tolerance = cfg.bad_sample_tolerance
         self.transform = build_transform(cfg, train)
+        # eval: one source per shard (read once); train: one per (shard, task class), see order.py
         self.shards: list[ShardRef] = []
         start = 0
         for path, n, per in index.shards(split, self.keep):
-            self.shards.append(ShardRef(path, n, frozenset(per), start))
-            start += n
+            mine = sorted(c for c in per if c in self.keep)
+            groups = [frozenset(mine)] if not train else [frozenset([c]) for c in mine]
+            for cls in groups:
+                count = sum(per[c] for c in cls)
+                self.shards.append(ShardRef(path, count, frozenset(per), start, cls))
+                start += count
         self.total = start  # N: task samples in the split
         if self.total != index.count(split, self.keep):  # per-shard and per-split counts disagree
             raise ValueError(f"shard index {index.path!r}: split {split!r} per_class counts and shard "
@@ -171,18 +170,21 @@ class _TaskStream(IterableDataset):
         return self.num_batches - self.start_batch
 
     # ------------------------------------------------------------------ planning
-    def _plan(self) -> tuple[list, list[list[int]], Optional[list[list[int]]]]:
-        """(items, batches, positions): items = the input sequence of (shard, k) in reading order
-        (None = eval padding); batches[j] = input positions of the rank's batch j; positions[j] =
-        their global output positions (train: they seed the augmentation), None for eval."""
+    def _plan(self) -> tuple[tuple, list[list[int]], Optional[list[list[int]]]]:
+        """(items, batches, positions): items = (src, k) arrays, the input sequence in reading order
+        (sample k of source src; src -1 = eval padding); batches[j] = input positions of the rank's
+        batch j; positions[j] = their global output positions (train: they seed the augmentation),
+        None for eval."""
         B, world, r = self.batch_size, self.world, self.rank
         if not self.train:
-            items: list = [(si, k) for si, sh in enumerate(self.shards) for k in _own_ks(sh, r, world)]
-            items += [None] * (self.n - len(items))
-            return items, [list(range(j * B, min((j + 1) * B, self.n))) for j in range(self.num_batches)], None
-        order = np.random.default_rng([self.seed, self.epoch, 0x5D]).permutation(len(self.shards))
-        items = [(int(si), k) for si in order for k in range(self.shards[si].count)]
-        out_to_in = _buffer_order(self.total, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, 2]))
+            own = [(si, k) for si, sh in enumerate(self.shards) for k in _own_ks(sh, r, world)]
+            pad = self.n - len(own)  # padding positions: source -1
+            src = np.asarray([si for si, _ in own] + [-1] * pad, dtype=np.int32)
+            ks = np.asarray([k for _, k in own] + [-1] * pad, dtype=np.int32)
+            return (src, ks), [list(range(j * B, min((j + 1) * B, self.n))) for j in range(self.num_batches)], None
+        src, ks, out_to_in = epoch_order([sh.count for sh in self.shards], self.seed, self.epoch,
+                                         self.shuffle_buffer)
+        items = (src, ks)
         used = self.n * world  # N': the last N % world of the global order rest this epoch
         G = B * world
         full = used // G
@@ -191,7 +193,7 @@ class _TaskStream(IterableDataset):
         if tail:
             positions.append(list(range(full * G + r * tail, full * G + (r + 1) * tail)))
         assert len(positions) == self.num_batches and sum(map(len, positions)) == self.n
-        return items, [[out_to_in[q] for q in qs] for qs in positions], positions
+        return items, [[int(out_to_in[q]) for q in qs] for qs in positions], positions
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -205,6 +207,7 @@ class _TaskStream(IterableDataset):
         bad = BadCounter(self.tolerance)
         source = self._records(items, needed_in, bad.add)
         pending: dict[int, Optional[SampleRec]] = {}
+        self.peak_held = 0
         last_good: Optional[tuple[torch.Tensor, int]] = None
         for j in my_batches:
             recs = []
@@ -212,36 +215,52 @@ class _TaskStream(IterableDataset):
                 while i not in pending:
                     pos, rec = next(source)
                     pending[pos] = rec
+                self.peak_held = max(self.peak_held, len(pending))  # the memory bound of order.py
                 recs.append(pending.pop(i))
             seeds = [_seed(self.seed, self.epoch, q, 3) for q in positions[j]] if positions else None
             images, labels, last_good = self._batch(recs, seeds, bad, last_good)
             yield images, labels
-        for _ in source:  # finish the scan: a shard with samples the index does not know raises here
+        for _ in source:  # nothing should be left; closes the sources
             pass
 
     def _records(self, items, needed_in: list[int], on_bad) -> Iterator[tuple[int, Optional[SampleRec]]]:
-        """(input position, record) for every needed input position, in reading order."""
-        pos_of = {it: i for i, it in enumerate(items) if it is not None}
-        for i in needed_in:  # padding positions come first: they need no reading
-            if items[i] is None:
-                yield i, None
-        by_shard: dict[int, set[int]] = {}
+        """(input position, record) for every needed input position, in input (reading) order.
+        All sources are open at once and each is advanced as the interleave asks (order.py); a
+        source is closed once its last needed sample is read."""
+        src, ks = items
+        last: dict[int, int] = {}
+        want: dict[int, set[int]] = {}
         for i in needed_in:
-            if items[i] is not None:
-                by_shard.setdefault(items[i][0], set()).add(items[i][1])
-        shard_order = list(dict.fromkeys(it[0] for it in items if it is not None))
-        for si in shard_order:
-            ks = by_shard.get(si)
-            if not ks:
-                continue
-            if self.cache is not None:
-                for k in sorted(ks):
-                    yield pos_of[(si, k)], self.cache.items[(si, k)]
-                continue
-            for rec in scan_shard(si, self.shards[si], self.keep, self.num_classes, ks.__contains__,
-                                  max(ks), on_bad):
-                if rec.k in ks:
-                    yield pos_of[(si, rec.k)], rec
+            si = int(src[i])
+            if si >= 0:
+                last[si] = max(last.get(si, -1), int(ks[i]))
+                want.setdefault(si, set()).add(int(ks[i]))
+        scans: dict[int, Iterator[SampleRec]] = {}
+        try:
+            for i in needed_in:
+                si, k = int(src[i]), int(ks[i])
+                if si < 0:  # eval padding: nothing to read
+                    yield i, None
+                    continue
+                if self.cache is not None:
+                    yield i, self.cache.items[(si, k)]
+                    continue
+                if si not in scans:
+                    sh = self.shards[si]
+                    scans[si] = scan_shard(si, sh, sh.keep, self.num_classes, want[si].__contains__, last[si],
+                                           on_bad)
+                for rec in scans[si]:
+                    if rec.k == k:
+                        break
+                else:
+                    raise AssertionError(f"source {si} ended before sample {k}")  # scan_shard yields count
+                yield i, rec
+                if k == last[si]:  # finish the scan: a shard with samples the index does not know raises
+                    for _ in scans.pop(si):
+                        pass
+        finally:
+            for it in scans.values():
+                it.close()
 
     def _decode(self, rec: SampleRec, bad: "BadCounter") -> Optional[torch.Tensor]:
         if rec.bad is not None:

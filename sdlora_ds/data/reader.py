@@ -1,8 +1,10 @@
 """Reading task samples out of one WebDataset tar shard, with the bad-data accounting.
 
-`scan_shard` walks a shard's members in tar order (opened seekable: members that are not read are
-skipped with a seek, so a worker reads the bytes of its own samples only), groups them by key
-like webdataset (key = the name up to the first dot), keeps the samples of the task's classes,
+`scan_shard` opens a shard through webdataset's gopen (source.py) and walks its members in tar
+order: a local file seekable (members that are not read are skipped with a seek, so a worker reads
+the bytes of its own samples only: measured faster, bench/RESULTS.md), any other stream through
+webdataset's tar iteration. It groups members by key like webdataset (key = the name up to the
+first dot), keeps the samples of the source's classes,
 and yields exactly the number of them the index promises: missing ones become placeholders at the
 end, more than promised is an error. Unattributable samples (no .cls, a bad class id, a class the
 index does not list for the shard), unreadable tars and missing samples go to an `on_bad`
@@ -17,9 +19,14 @@ import tarfile
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
+from webdataset.tariterators import tar_file_iterator
+
+from sdlora_ds.data.source import local_path, open_failure, open_shard
+
 log = logging.getLogger("sdlora_ds.data")
 
 _KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's rule: key = up to the first dot
+SEEK_LOCAL = True  # local files: skip unwanted members by seeking (False: stream them like URLs; bench)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
 
 
@@ -29,10 +36,13 @@ class BadDataError(RuntimeError):
 
 @dataclass
 class ShardRef:
-    path: str
-    count: int      # samples of the task's classes in it (index)
+    """One source of the task stream: a shard, read for `keep` (all the task's classes in it, or
+    one class: training reads a shard once per task class it holds, see order.py)."""
+    path: str       # location: local path or URL (source.py)
+    count: int      # samples of `keep` in it (index)
     listed: frozenset  # every class the index lists for this shard
-    start: int      # position p of its first task sample in the task stream
+    start: int      # position p of its first sample in the task stream
+    keep: frozenset = frozenset()  # the classes this source yields
 
 
 @dataclass
@@ -50,7 +60,13 @@ def scan_shard(si: int, sh: ShardRef, keep: frozenset, num_classes: int, want: C
                stop_after: int, on_bad: Callable[..., None]) -> Iterator[SampleRec]:
     """Yield the shard's task samples k = 0.. in tar order, exactly sh.count of them (placeholders
     at the end when samples are missing), reading image bytes only where want(k). Stops after k ==
-    stop_after. on_bad(shard, key, reason) is told about every unattributable sample."""
+    stop_after. on_bad(shard, key, reason) is told about every unattributable sample it passes
+    (a shard read for several classes reports such a sample once per class source that passes it:
+    counted more than once rather than missed).
+
+    The shard is opened with webdataset's gopen (source.py). A local file is walked with tarfile
+    in seekable mode, so members that are not wanted are skipped with a seek; any other stream goes
+    through webdataset's tar iteration (`tar_file_iterator`), which reads every byte."""
     k = 0
     unattributed = [0]  # samples reported by _sample: each may be one of the task's missing ones
 
@@ -58,65 +74,93 @@ def scan_shard(si: int, sh: ShardRef, keep: frozenset, num_classes: int, want: C
         unattributed[0] += 1
         on_bad(shard, key, reason)
 
+    stream = open_shard(sh.path)  # ShardOpenError (one line) when the opener itself fails
+    group: Optional[str] = None
+    members: dict = {}
+    started = False
     try:
-        tf = tarfile.open(sh.path, "r:")  # seekable: members we do not read are skipped
-    except (OSError, tarfile.TarError) as e:
-        on_bad(sh.path, "<shard>", f"cannot open tar: {e}")
-        tf = None
-    if tf is not None:
-        with tf:
-            group: Optional[str] = None
-            members: dict = {}
-            try:
-                for m in _members(tf):
-                    if not m.isfile():
-                        continue
-                    mk = _KEY_RE.match(m.name)
-                    if not mk:
-                        continue
-                    if mk.group(1) != group:
-                        if group is not None:
-                            rec = _sample(tf, si, sh, k, group, members, keep, num_classes, want, report)
-                            if rec is not None:
-                                yield rec
-                                k += 1
-                                # stop early unless the shard's last sample was wanted: then read on
-                                # to the end, to catch samples the index does not know about
-                                if k > stop_after and stop_after < sh.count - 1:
-                                    return
-                        group, members = mk.group(1), {}
-                    members[mk.group(2).lower()] = m
+        for name, entry in _iter_members(stream, sh.path):
+            started = True
+            mk = _KEY_RE.match(name)
+            if not mk:
+                continue
+            if mk.group(1) != group:
                 if group is not None:
-                    rec = _sample(tf, si, sh, k, group, members, keep, num_classes, want, report)
+                    rec = _sample(si, sh, k, group, members, keep, num_classes, want, report)
                     if rec is not None:
                         yield rec
                         k += 1
-            except (OSError, tarfile.TarError, EOFError) as e:
-                on_bad(sh.path, group or "<start>", f"tar unreadable after this key: {e}")
+                        # stop early unless the shard's last sample was wanted: then read on
+                        # to the end, to catch samples the index does not know about
+                        if k > stop_after and stop_after < sh.count - 1:
+                            return
+                group, members = mk.group(1), {}
+            members[mk.group(2).lower()] = entry
+        if group is not None:
+            rec = _sample(si, sh, k, group, members, keep, num_classes, want, report)
+            if rec is not None:
+                yield rec
+                k += 1
+    except (OSError, tarfile.TarError, EOFError) as e:
+        if not started and local_path(sh.path) is None:  # nothing came: the download or command failed
+            raise open_failure(sh.path, stream, e) from None
+        on_bad(sh.path, group or "<start>", f"tar unreadable after this key: {e}")
+    finally:
+        _close(stream)
     missing = sh.count - k - unattributed[0]  # not explained by a sample reported above
     if k < stop_after + 1 and missing > 0:
-        on_bad(sh.path, "<shard>", f"holds {k} samples of the task's classes, the index says {sh.count}",
-               missing)
+        on_bad(sh.path, "<shard>", f"holds {k} samples of {_what(keep)}, the index says {sh.count}", missing)
     for kk in range(k, min(sh.count, stop_after + 1)):
         yield SampleRec(si, kk, f"<missing #{kk}>", -1, None, "missing (see the shard's report above)")
 
 
-def _members(tf: tarfile.TarFile):
-    while True:
-        m = tf.next()
-        if m is None:
-            return
-        yield m
+def _what(keep: frozenset) -> str:
+    return f"class {next(iter(keep))}" if len(keep) == 1 else "the task's classes"
 
 
-def _sample(tf, si, sh, k, key, members, keep, num_classes, want, on_bad) -> Optional[SampleRec]:
+class _Member:
+    """A tar member's size and a way to get its bytes (read on demand when seekable)."""
+    __slots__ = ("size", "_get")
+
+    def __init__(self, size: int, get: Callable[[], bytes]):
+        self.size, self._get = size, get
+
+    def read(self) -> bytes:
+        return self._get()
+
+
+def _iter_members(stream, location: str) -> Iterator[tuple[str, _Member]]:
+    """(name, member) for every regular file of the tar, in tar order."""
+    if SEEK_LOCAL and local_path(location) is not None and stream.seekable():
+        tf = tarfile.open(fileobj=stream, mode="r:")  # seekable: members we do not read are skipped
+        while True:
+            m = tf.next()
+            if m is None:
+                return
+            tf.members = []  # tarfile keeps every TarInfo otherwise: memory grows with the shard
+            if m.isfile():
+                yield m.name, _Member(m.size, lambda m=m: tf.extractfile(m).read())
+        return
+    for d in tar_file_iterator(stream):  # webdataset's tar iteration; it reads each member's bytes
+        data = d["data"]
+        yield d["fname"], _Member(len(data), lambda data=data: data)
+
+
+def _close(stream) -> None:
+    try:
+        stream.close()
+    except Exception:  # noqa: BLE001 - a pipe closed early reports SIGPIPE/curl 23; the data was read
+        pass
+
+
+def _sample(si, sh, k, key, members, keep, num_classes, want, on_bad) -> Optional[SampleRec]:
     """One grouped tar sample -> a SampleRec if it belongs to the task, None otherwise."""
     cls_m = members.get("cls")
     if cls_m is None:
         on_bad(sh.path, key, "no .cls member (class unknown)")
         return None
     try:
-        text = tf.extractfile(cls_m).read().decode("ascii").strip()
+        text = cls_m.read().decode("ascii").strip()
         label = int(text)
     except (ValueError, UnicodeDecodeError, OSError, tarfile.TarError) as e:
         on_bad(sh.path, key, f".cls is not an integer: {e}")
@@ -138,7 +182,7 @@ def _sample(tf, si, sh, k, key, members, keep, num_classes, want, on_bad) -> Opt
     if not want(k):
         return SampleRec(si, k, key, label, None, None)
     try:
-        data = tf.extractfile(img_m).read()
+        data = img_m.read()
     except (OSError, tarfile.TarError) as e:
         return SampleRec(si, k, key, label, None, f"image bytes unreadable: {e}")
     if len(data) != img_m.size:
