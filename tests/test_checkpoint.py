@@ -356,6 +356,51 @@ def test_results_record_every_launch_topology_and_the_backbone_used(shards, full
     assert len(ref["topologies"]) == 1
 
 
+def test_resume_thread_count_policy():
+    from sdlora_ds.trainer_state import resume_threads, threads_source
+    assert resume_threads(2, 2, "auto") == (2, "threads: 2 per process, as recorded in the checkpoint")
+    n, line = resume_threads(2, 1, "auto")  # another load, machine or launch chose 1: back to 2
+    assert n == 2 and "as recorded in the checkpoint (this launch would have used 1)" in line
+    n, line = resume_threads(2, 1, "user")  # forced by the user: kept, and said to break bitwise
+    assert n == 1 and line.startswith("warning: OMP_NUM_THREADS=1") and "will not be bitwise" in line
+    n, line = resume_threads(None, 3, "auto")  # a checkpoint from before the count was recorded
+    assert n == 3 and "records no thread count" in line
+    assert threads_source({}) == "auto" and threads_source({"OMP_NUM_THREADS": "4"}) == "user"
+    assert threads_source({"OMP_NUM_THREADS": "4", "SDLORA_THREADS_SOURCE": "auto"}) == "auto"  # run.py's own
+
+
+def test_resume_continues_with_the_recorded_thread_count(shards, full_run, tmp_path, capsys, monkeypatch):
+    """The thread count is recorded in results.json and every checkpoint; a resume launched with
+    another automatic count goes back to the recorded one (and ends bitwise equal), a forced one is
+    kept with a warning."""
+    from sdlora_ds.trainer import Trainer
+    out, ref = full_run
+    recorded = torch.get_num_threads()  # the session's count: full_run was built under it (conftest)
+    assert [t["threads"] for t in ref["topologies"]] == [recorded]
+    ckpt = os.path.join(out, "run", "checkpoints", "step-00000004")
+    assert read_manifest(ckpt)["threads"] == recorded
+    other = 1 if recorded != 1 else 2
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SDLORA_THREADS_SOURCE", raising=False)
+    torch.set_num_threads(other)  # what another machine, load or launch would have chosen
+    capsys.readouterr()
+    trainer = Trainer(small(shards, tmp_path / "auto"), resume=ckpt)
+    assert torch.get_num_threads() == recorded
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("threads:")]
+    assert said == [f"threads: {recorded} per process, as recorded in the checkpoint (this launch would have used "
+                    f"{other}), so the run continues bitwise"], said
+    got = trainer.run()
+    assert comparable(got) == comparable(ref)
+    assert [t["threads"] for t in got["topologies"]] == [recorded, recorded]
+    monkeypatch.setenv("OMP_NUM_THREADS", str(other))  # forced: kept, with the warning
+    torch.set_num_threads(other)
+    capsys.readouterr()
+    got = Trainer(small(shards, tmp_path / "forced"), resume=ckpt).run()
+    assert torch.get_num_threads() == other
+    assert "will not be bitwise" in capsys.readouterr().out
+    assert [t["threads"] for t in got["topologies"]] == [recorded, other]
+
+
 def test_backbone_fingerprint_is_exact_and_independent_of_the_thread_count():
     """A float-sum fingerprint changed in its last digit with the thread count (a 1-thread run was
     refused at export with 2 threads); the byte hash must not, and must see a one-ulp change."""
