@@ -46,6 +46,14 @@ def report_error(e: BaseException) -> int:
     return 2
 
 
+def without_traceback(e: BaseException) -> BaseException:
+    """Drop `e`'s traceback before its error line is printed: the frames it holds keep the progress
+    bar of the interrupted loop open, and a bar freed with them clears its line (tqdm, leave=False),
+    so the error line starts at the beginning of a line instead of after a half-drawn bar."""
+    e.__traceback__ = None
+    return e
+
+
 # ------------------------------------------------------------------ CPU threads
 def usable_cpus() -> int:
     """CPUs this process may run on: the affinity mask, capped by a cgroup v2 CPU quota (containers)

@@ -339,6 +339,60 @@ def test_resume_auto_with_every_checkpoint_damaged_stops_unless_asked(shards, fu
     shutil.rmtree(os.path.join(root, ".damaged-step-00000006-task0-end"))
 
 
+def truncate_a_task_shard(index_path: str, classes, split: str = "train") -> tuple:
+    """Cut a shard of `split` holding `classes` to half its size (as a full disk or a broken copy
+    leaves it); returns (its path, its original bytes) to put it back."""
+    with open(index_path) as f:
+        idx = json.load(f)
+    rel = next(sh["path"] for sh in idx["splits"][split]["shards"] if set(sh["classes"]) <= set(classes))
+    path = os.path.join(os.path.dirname(index_path), rel)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "r+b") as f:
+        f.truncate(len(data) // 2)
+    return path, data
+
+
+def test_bad_data_during_training_is_one_line_and_the_run_resumes_once_fixed(shards, full_run, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A shard of task 1 goes bad after the run started (checksums not verified at the start):
+    the run stops in task 1 with one `error:` line naming the shard and key and exit status 2, the
+    task-0 checkpoint is intact, and once the shard is put back --resume auto ends exactly as the
+    uninterrupted run."""
+    import shutil
+    import train
+    from sdlora_ds.cil import TaskSchedule
+    from sdlora_ds.config import config_to_dict
+    out, ref = full_run
+    copy = str(tmp_path / "shards")
+    shutil.copytree(os.path.dirname(shards), copy)
+    index = os.path.join(copy, os.path.basename(shards))
+    cfg = small(index, tmp_path / "runs", data={"verify_checksums": False}, train={"checkpoint_every": 0})
+    shard, good = truncate_a_task_shard(index, TaskSchedule.from_config(cfg.cil).classes(1))
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(config_to_dict(cfg)))
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # full_run's count
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    capsys.readouterr()
+    assert train.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    lines = [line.strip() for line in err.splitlines() if "error" in line]  # stderr also holds the progress bars
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert "bad sample(s) 1:" not in err, err  # no warning line repeating the error
+    assert f"shard {shard} key " in lines[0] and "--resume auto" in lines[0], lines[0]
+    ck = Checkpoints(os.path.join(cfg.run_dir, "checkpoints"), 100, OneProcess())
+    resumed, notes = ck.resolve("auto")
+    assert os.path.basename(resumed) == "step-00000006-task0-end" and not notes, notes  # intact
+    with open(shard, "wb") as f:
+        f.write(good)
+    assert train.main(["--config", str(path), "--resume", "auto", "--set", "data.verify_checksums=true"]) == 0
+    with open(os.path.join(cfg.run_dir, "results.json")) as f:
+        got = json.load(f)
+    assert comparable(got)["loss_log"] == comparable(ref)["loss_log"] and got["acc_matrix"] == ref["acc_matrix"]
+    assert_same_logs(cfg.run_dir, os.path.join(out, "run"))
+
+
 def test_results_record_every_launch_topology_and_the_backbone_used(shards, full_run, tmp_path):
     """A run resumed twice lists three launch segments; the backbone recorded is the loaded one."""
     from sdlora_ds.trainer import Trainer
