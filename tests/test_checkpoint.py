@@ -3,6 +3,7 @@ keep-last-K, exact resumption from any position, and the refusals of an incompat
 (Resuming after a SIGKILL, on 1 and 2 processes, is in test_distributed.py.)"""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -339,18 +340,28 @@ def test_resume_auto_with_every_checkpoint_damaged_stops_unless_asked(shards, fu
     shutil.rmtree(os.path.join(root, ".damaged-step-00000006-task0-end"))
 
 
-def truncate_a_task_shard(index_path: str, classes, split: str = "train") -> tuple:
-    """Cut a shard of `split` holding `classes` to half its size (as a full disk or a broken copy
-    leaves it); returns (its path, its original bytes) to put it back."""
+def truncate_task_shards(index_path: str, classes, split: str = "train") -> dict:
+    """Cut every shard of `split` holding only `classes` after its first tar member (as a full disk
+    or a broken copy leaves it): any read of one fails at once, naming the shard and its first key.
+    Returns {path: original bytes} to put them back."""
     with open(index_path) as f:
         idx = json.load(f)
-    rel = next(sh["path"] for sh in idx["splits"][split]["shards"] if set(sh["classes"]) <= set(classes))
-    path = os.path.join(os.path.dirname(index_path), rel)
-    with open(path, "rb") as f:
-        data = f.read()
-    with open(path, "r+b") as f:
-        f.truncate(len(data) // 2)
-    return path, data
+    originals = {}
+    for sh in idx["splits"][split]["shards"]:
+        if set(sh["classes"]) <= set(classes):
+            path = os.path.join(os.path.dirname(index_path), sh["path"])
+            with open(path, "rb") as f:
+                originals[path] = f.read()
+            with open(path, "r+b") as f:
+                f.truncate(3 * 512)  # header, one small member, the next header
+    assert originals
+    return originals
+
+
+def put_back(originals: dict) -> None:
+    for path, data in originals.items():
+        with open(path, "wb") as f:
+            f.write(data)
 
 
 def test_bad_data_during_training_is_one_line_and_the_run_resumes_once_fixed(shards, full_run, tmp_path, capsys,
@@ -368,7 +379,7 @@ def test_bad_data_during_training_is_one_line_and_the_run_resumes_once_fixed(sha
     shutil.copytree(os.path.dirname(shards), copy)
     index = os.path.join(copy, os.path.basename(shards))
     cfg = small(index, tmp_path / "runs", data={"verify_checksums": False}, train={"checkpoint_every": 0})
-    shard, good = truncate_a_task_shard(index, TaskSchedule.from_config(cfg.cil).classes(1))
+    originals = truncate_task_shards(index, TaskSchedule.from_config(cfg.cil).classes(1))
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(config_to_dict(cfg)))
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # full_run's count
@@ -380,12 +391,12 @@ def test_bad_data_during_training_is_one_line_and_the_run_resumes_once_fixed(sha
     lines = [line.strip() for line in err.splitlines() if "error" in line]  # stderr also holds the progress bars
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert "bad sample(s) 1:" not in err, err  # no warning line repeating the error
-    assert f"shard {shard} key " in lines[0] and "--resume auto" in lines[0], lines[0]
+    assert re.search(r"shard (\S+) key (\S+): tar unreadable after this key", lines[0]), lines[0]
+    assert re.search(r"shard (\S+) key", lines[0]).group(1) in originals and "--resume auto" in lines[0], lines[0]
     ck = Checkpoints(os.path.join(cfg.run_dir, "checkpoints"), 100, OneProcess())
     resumed, notes = ck.resolve("auto")
     assert os.path.basename(resumed) == "step-00000006-task0-end" and not notes, notes  # intact
-    with open(shard, "wb") as f:
-        f.write(good)
+    put_back(originals)
     assert train.main(["--config", str(path), "--resume", "auto", "--set", "data.verify_checksums=true"]) == 0
     with open(os.path.join(cfg.run_dir, "results.json")) as f:
         got = json.load(f)

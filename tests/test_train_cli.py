@@ -297,6 +297,36 @@ def test_a_good_run_through_run_py_on_two_processes(tmp_path, index):
     assert os.path.isfile(tmp_path / "runs" / "test" / "results.json")
 
 
+def test_bad_data_on_two_processes_is_one_line_per_rank(tmp_path, index):
+    """Shards of task 1 cut short after the run started (checksums not verified at the start): each
+    rank that reads one ends with one `error (rank N):` line naming shard and key, the launch exits
+    2 without a traceback from the workers or the launcher, and once the shards are put back
+    --resume auto finishes the run from the task-0 checkpoint."""
+    from sdlora_ds.cil import TaskSchedule
+    from sdlora_ds.config import load_config
+    from test_checkpoint import put_back, truncate_task_shards
+    copy = str(tmp_path / "digits")
+    shutil.copytree(os.path.dirname(index), copy)
+    cfg = write(tmp_path, os.path.join(copy, "index.json"),
+                cil={"num_classes": 10, "init_classes": 5, "increment": 5, "num_tasks": 2},
+                data={"verify_checksums": False},
+                optim={"epochs": 1, "global_batch": 16, "lr": 0.05, "max_steps_per_epoch": 2})
+    originals = truncate_task_shards(os.path.join(copy, "index.json"),
+                                     TaskSchedule.from_config(load_config(cfg).cil).classes(1))
+    rc, out = launch(["--config", cfg])
+    errs = error_lines(out)
+    assert rc == 2 and 1 <= len(errs) <= 2 and "Traceback" not in out and "ChildFailedError" not in out, (rc, out)
+    ranks = [re.match(r"error \(rank (\d)\): \d+ bad sample\(s\) .*shard (\S+) key (\S+): ", e) for e in errs]
+    assert all(ranks) and len({m.group(1) for m in ranks}) == len(errs), errs
+    assert all(m.group(2) in originals for m in ranks) and all("--resume auto" in e for e in errs), errs
+    ends = os.listdir(tmp_path / "runs" / "test" / "checkpoints")
+    assert ends == ["step-00000002-task0-end"], ends
+    put_back(originals)
+    rc, out = launch(["--config", cfg, "--resume", "auto"])
+    assert rc == 0 and not error_lines(out) and "resumed from" in out, out
+    assert json.load(open(tmp_path / "runs" / "test" / "results.json"))["topologies"][-1]["from_global_step"] == 2
+
+
 def test_a_failed_kernel_self_check_is_one_line(tmp_path, index, capsys, monkeypatch):
     """The Triton guard (sdlora_ds/kernels/selfcheck.py) raises during training: one line, exit 2."""
     from sdlora_ds.kernels.selfcheck import KernelSelfCheckError
