@@ -403,8 +403,8 @@ class PeerMonitor:
         if isinstance(exc, BadDataError):
             exc.__traceback__ = None  # frees the interrupted loop's progress bar: it clears its line
             try:
-                print(f"error (rank {self.rank}): {str(exc).rstrip('. ')}.{(' ' + checkpoint_hint) if checkpoint_hint else ''}",
-                      file=sys.stderr, flush=True)
+                hint = f" {checkpoint_hint}" if checkpoint_hint else ""
+                print(f"error (rank {self.rank}): {str(exc).rstrip('. ')}.{hint}", file=sys.stderr, flush=True)
             finally:
                 hard_exit(2)
         try:

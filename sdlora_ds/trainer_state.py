@@ -87,6 +87,20 @@ def topology(trainer) -> dict:
             "mixed_precision": str(trainer.acc.mixed_precision), "threads": torch.get_num_threads()}
 
 
+def resume_line(path: str, position, global_step: int, cfg) -> str:
+    """What a resumed run says about where it stands, numbered as the progress bar and the step
+    lines are (tasks from 0, epochs from 1 of E); a finished run says so."""
+    task, epoch, step = position
+    if task >= cfg.cil.num_tasks:
+        return (f"finished run (all {cfg.cil.num_tasks} tasks, global step {global_step}): its results again, from "
+                f"{path}")
+    if epoch >= cfg.optim.epochs:
+        return (f"resumed from {path}: task {task}, after its last epoch (global step {global_step}): its evaluation "
+                f"next")
+    return (f"resumed from {path}: task {task}, epoch {epoch + 1}/{cfg.optim.epochs}, after {step} of its steps "
+            f"(global step {global_step})")
+
+
 # ---------------------------------------------------------------------- the thread count
 THREADS_SOURCE_ENV = "SDLORA_THREADS_SOURCE"
 """'auto' when launch/run.py chose OMP_NUM_THREADS itself (launch/runtime.py), 'user' when it was given."""
@@ -108,7 +122,8 @@ def resume_threads(recorded: Optional[int], current: int, source: str) -> tuple:
     the user forced another one (then it says the run will not be bitwise)."""
     if recorded is None:
         return current, (f"threads: {current} per process (the checkpoint records no thread count: it was written "
-                         f"before counts were recorded; floats may differ from an uninterrupted run in the last digits)")
+                         f"before counts were recorded; floats may differ from an uninterrupted run in the last "
+                         f"digits)")
     if recorded == current:
         return current, f"threads: {current} per process, as recorded in the checkpoint"
     if source == "auto":

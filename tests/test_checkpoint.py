@@ -162,7 +162,7 @@ def test_resume_from_any_position_is_bitwise_exact(shards, full_run, tmp_path):
             assert comparable(json.load(f)) == comparable(ref)
 
 
-def test_resume_refusals_name_the_field_and_the_fix(shards, full_run, tmp_path):
+def test_resume_refusals_name_the_field_and_the_fix(shards, full_run, tmp_path, capsys):
     import train  # launch/train.py (on sys.path: see _launch_on_path)
     from sdlora_ds.trainer import Trainer
     out, ref = full_run
@@ -180,7 +180,11 @@ def test_resume_refusals_name_the_field_and_the_fix(shards, full_run, tmp_path):
     # fields that change nothing computed may differ: the finished run just writes its results again
     trainer = Trainer(small(shards, out, train={"log_every": 3, "keep_checkpoints": 100}), resume="auto")
     assert trainer.position == (2, 0, 0)
+    capsys.readouterr()
     res = trainer.run()
+    said = capsys.readouterr().out
+    assert "finished run (all 2 tasks, global step 12): its results again, from " in said, said
+    assert "resumed from" not in said and "threads:" not in said, said
     assert res["topologies"] == ref["topologies"]  # a re-run that trains nothing adds no launch segment
     got, want = comparable(res), comparable(ref)
     assert got.pop("config")["train"]["log_every"] == 3
@@ -455,6 +459,10 @@ def test_resume_continues_with_the_recorded_thread_count(shards, full_run, tmp_p
     assert said == [f"threads: {recorded} per process, as recorded in the checkpoint (this launch would have used "
                     f"{other}), so the run continues bitwise"], said
     got = trainer.run()
+    printed = capsys.readouterr()
+    # tasks count from 0, epochs from 1 of 2, alike in the resume line, the step lines and the progress bar
+    assert f"resumed from {ckpt}: task 0, epoch 2/2, after 1 of its steps (global step 4)" in printed.out
+    assert "step 10 | task 1 epoch 2/2 | loss" in printed.out and "task 1 epoch 2/2" in printed.err, printed
     assert comparable(got) == comparable(ref)
     assert [t["threads"] for t in got["topologies"]] == [recorded, recorded]
     monkeypatch.setenv("OMP_NUM_THREADS", str(other))  # forced: kept, with the warning
