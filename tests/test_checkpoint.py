@@ -316,7 +316,8 @@ def _damage(path: str) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
-def test_resume_auto_with_every_checkpoint_damaged_stops_unless_asked(shards, full_run, tmp_path, capsys):
+def test_resume_auto_with_every_checkpoint_damaged_stops_unless_asked(shards, full_run, tmp_path, capsys,
+                                                                     monkeypatch):
     import shutil
     import train
     from sdlora_ds.config import config_to_dict
@@ -333,6 +334,8 @@ def test_resume_auto_with_every_checkpoint_damaged_stops_unless_asked(shards, fu
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(config_to_dict(cfg)))
     capsys.readouterr()
+    # train.main sets the thread count from the machine; the run below compares with full_run's
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     assert train.main(["--config", str(path), "--resume", "auto"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "damaged" in err and "\n" not in err, err

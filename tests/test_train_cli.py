@@ -313,7 +313,7 @@ def test_bad_data_on_two_processes_is_one_line_per_rank(tmp_path, index):
                 optim={"epochs": 1, "global_batch": 16, "lr": 0.05, "max_steps_per_epoch": 2})
     originals = truncate_task_shards(os.path.join(copy, "index.json"),
                                      TaskSchedule.from_config(load_config(cfg).cil).classes(1))
-    rc, out = launch(["--config", cfg])
+    rc, out = launch(["--config", cfg], timeout=900)  # a busy 2-core machine took over 300 s for one launch
     errs = error_lines(out)
     assert rc == 2 and 1 <= len(errs) <= 2 and "Traceback" not in out and "ChildFailedError" not in out, (rc, out)
     ranks = [re.match(r"error \(rank (\d)\): \d+ bad sample\(s\) .*shard (\S+) key (\S+): ", e) for e in errs]
@@ -322,7 +322,7 @@ def test_bad_data_on_two_processes_is_one_line_per_rank(tmp_path, index):
     ends = os.listdir(tmp_path / "runs" / "test" / "checkpoints")
     assert ends == ["step-00000002-task0-end"], ends
     put_back(originals)
-    rc, out = launch(["--config", cfg, "--resume", "auto"])
+    rc, out = launch(["--config", cfg, "--resume", "auto"], timeout=900)
     assert rc == 0 and not error_lines(out) and "resumed from" in out, out
     assert json.load(open(tmp_path / "runs" / "test" / "results.json"))["topologies"][-1]["from_global_step"] == 2
 
