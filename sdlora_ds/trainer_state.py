@@ -116,10 +116,14 @@ def threads_source(environ=None) -> str:
     return "user" if env.get("OMP_NUM_THREADS", "").strip() else "auto"
 
 
-def resume_threads(recorded: Optional[int], current: int, source: str) -> tuple:
+def resume_threads(recorded: Optional[int], current: int, source: str, same_world: bool = True) -> tuple:
     """(threads to continue with, the one line that says so). The thread count changes the order of
     float reductions, so a resume continues with the count the checkpoint was trained with, unless
-    the user forced another one (then it says the run will not be bitwise)."""
+    the user forced another one (then it says the run will not be bitwise), or the world size
+    changed (the sums over ranks group differently anyway: this launch's own share of the CPUs)."""
+    if recorded is not None and recorded != current and not same_world:
+        return current, (f"threads: {current} per process (the checkpoint was trained with {recorded}, on another "
+                         f"number of processes: not bitwise anyway)")
     if recorded is None:
         return current, (f"threads: {current} per process (the checkpoint records no thread count: it was written "
                          f"before counts were recorded; floats may differ from an uninterrupted run in the last "
@@ -290,8 +294,9 @@ def load_checkpoint(trainer, path: str) -> tuple:
     load_model_payload(trainer.model, payload, path)
     trainer.load_state_dict(state)
     if trainer.position[0] < trainer.cfg.cil.num_tasks:  # a finished run computes nothing more
-        recorded = (state.get("topologies") or [{}])[-1].get("threads")
-        threads, line = resume_threads(recorded, torch.get_num_threads(), threads_source())
+        last = (state.get("topologies") or [{}])[-1]
+        threads, line = resume_threads(last.get("threads"), torch.get_num_threads(), threads_source(),
+                                       same_world=last.get("world_size", state["world_size"]) == trainer.world)
         torch.set_num_threads(threads)
         trainer.print(line)
     if kind != "none":

@@ -435,6 +435,8 @@ def test_resume_thread_count_policy():
     assert n == 2 and "as recorded in the checkpoint (this launch would have used 1)" in line
     n, line = resume_threads(2, 1, "user")  # forced by the user: kept, and said to break bitwise
     assert n == 1 and line.startswith("warning: OMP_NUM_THREADS=1") and "will not be bitwise" in line
+    n, line = resume_threads(2, 1, "auto", same_world=False)  # 1 process -> 2: this launch's share of the CPUs
+    assert n == 1 and "on another number of processes" in line
     n, line = resume_threads(None, 3, "auto")  # a checkpoint from before the count was recorded
     assert n == 3 and "records no thread count" in line
     assert threads_source({}) == "auto" and threads_source({"OMP_NUM_THREADS": "4"}) == "user"
