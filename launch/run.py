@@ -14,7 +14,8 @@ process, with three additions:
    (`accelerate launch -q` does not do this: with the launch/ configs accelerate uses torchrun's
    launcher, which -q does not silence, and it exits 1.)
 3. Unless OMP_NUM_THREADS or --num_cpu_threads_per_process is given, each process gets usable
-   CPUs / processes per machine threads (accelerate's default with the launch/ CPU configs is 1).
+   CPUs / processes per machine threads (accelerate's default with the launch/ CPU configs is 1),
+   whatever the machine's load; a resumed run goes back to the count its checkpoint records.
 """
 from __future__ import annotations
 
@@ -108,6 +109,9 @@ def main(argv=None) -> int:
     if "OMP_NUM_THREADS" not in os.environ and args.num_cpu_threads_per_process is None:
         procs, machines = _topology(args)
         os.environ["OMP_NUM_THREADS"] = str(runtime.cpu_threads(max(1, procs // machines))[0])
+        os.environ[runtime.THREADS_SOURCE_ENV] = "auto"  # chosen here, not forced: a resume may replace it
+    else:
+        os.environ[runtime.THREADS_SOURCE_ENV] = "user"
     logger = logging.getLogger(_ELASTIC_LOGGER)
     hold = _HoldShutdownLogs()
     logger.addFilter(hold)

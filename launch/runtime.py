@@ -2,12 +2,13 @@
 
 - `report_error`: a user mistake is ONE line, `error: ...`, printed by the first process of each
   node (on one machine: once, by rank 0); every process exits with code 2.
-- `cpu_threads` / `set_cpu_threads`: intra-op threads per process = the CPUs other work leaves
-  free (usable CPUs minus the 1-minute load average, at least 1) / processes on this machine,
-  unless OMP_NUM_THREADS says otherwise. torch's default (every core in every process)
-  oversubscribes the CPU as soon as two processes share a machine, and on a machine that other
-  jobs keep busy the threads of one process wait for each other at every parallel region (a
-  descheduled thread holds up the rest); one thread then beats several.
+- `cpu_threads` / `set_cpu_threads`: intra-op threads per process = usable CPUs / processes on
+  this machine (at least 1), unless OMP_NUM_THREADS says otherwise. Never the load average: the
+  thread count changes the order of float reductions, so a count that followed the machine's load
+  gave other numbers on a busy machine, and a resumed run continued with other rounding. The count
+  is recorded in results.json and every checkpoint, and a resume goes back to it
+  (trainer_state.resume_threads). torch's default (every core in every process) oversubscribes
+  the CPU as soon as two processes share a machine.
 - `deepspeed_build_note`: DeepSpeed on CPU compiles a C++ extension (its shared-memory
   communication op) the first time it starts, silently, for minutes; say so before it starts.
 """
@@ -45,6 +46,14 @@ def report_error(e: BaseException) -> int:
     return 2
 
 
+def without_traceback(e: BaseException) -> BaseException:
+    """Drop `e`'s traceback before its error line is printed: the frames it holds keep the progress
+    bar of the interrupted loop open, and a bar freed with them clears its line (tqdm, leave=False),
+    so the error line starts at the beginning of a line instead of after a half-drawn bar."""
+    e.__traceback__ = None
+    return e
+
+
 # ------------------------------------------------------------------ CPU threads
 def usable_cpus() -> int:
     """CPUs this process may run on: the affinity mask, capped by a cgroup v2 CPU quota (containers)
@@ -70,27 +79,21 @@ def usable_cpus() -> int:
     return max(1, n)
 
 
-def load_average() -> float:
-    """Runnable processes, 1-minute average (0 where the system does not say)."""
-    try:
-        return float(os.getloadavg()[0])
-    except (AttributeError, OSError):
-        return 0.0
-
-
-def cpu_threads(local_processes: int = 1, environ: Optional[dict] = None,
-                load: Optional[float] = None) -> tuple[int, str]:
+def cpu_threads(local_processes: int = 1, environ: Optional[dict] = None) -> tuple[int, str]:
     """(threads per process, how the number was found). OMP_NUM_THREADS wins when set to a
-    positive integer; otherwise free CPUs // processes on this machine, at least 1, where free
-    CPUs = usable CPUs minus the load average (`load`, default: the current one), at least 1."""
+    positive integer; otherwise usable CPUs // processes on this machine, at least 1. It depends on
+    the machine and the launch only, never on what else runs there (see the module docstring)."""
     env = os.environ if environ is None else environ
     given = env.get("OMP_NUM_THREADS", "").strip()
     if given.isdigit() and int(given) > 0:
         return int(given), "OMP_NUM_THREADS"
     cpus, procs = usable_cpus(), max(1, local_processes)
-    load = load_average() if load is None else load
-    free = max(1, min(cpus, int(cpus - load + 0.5)))
-    return max(1, free // procs), f"{cpus} usable CPUs, load {load:.1f}: {free} free / {procs} process(es)"
+    return max(1, cpus // procs), f"{cpus} usable CPUs / {procs} process(es)"
+
+
+THREADS_SOURCE_ENV = "SDLORA_THREADS_SOURCE"
+"""Set to 'auto' beside the OMP_NUM_THREADS that run.py chooses itself (cpu_threads), so that a worker
+can tell that count from one a user forced (sdlora_ds/trainer_state.threads_source reads it)."""
 
 
 def set_cpu_threads(local_processes: int = 1) -> int:

@@ -46,11 +46,16 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, resume=args.resume, fresh_if_damaged=args.fresh_if_damaged)
     except ValueError as e:  # raised on every rank alike (rank 0 decides what to resume and broadcasts)
         return runtime.report_error(e)
+    from sdlora_ds.data.reader import BadDataError
     from sdlora_ds.kernels.selfcheck import KernelSelfCheckError
     try:
         trainer.run()
     except KernelSelfCheckError as e:  # the Triton path disagrees with the reference: one line, the fix
-        return runtime.report_error(e)
+        return runtime.report_error(runtime.without_traceback(e))
+    except BadDataError as e:  # one process (several: PeerMonitor.abort reports it per rank, exit 2)
+        runtime.without_traceback(e)
+        return runtime.report_error(ValueError(f"{str(e).rstrip('. ')}. Resume with --resume auto (checkpoints: "
+                                               f"{os.path.join(cfg.run_dir, 'checkpoints')})."))
     return 0
 
 

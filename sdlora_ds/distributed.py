@@ -393,7 +393,20 @@ class PeerMonitor:
         """Report a failure of this rank's run (naming dead peers) and exit at once with status 3.
 
         os._exit, not sys.exit: a normal interpreter exit would run atexit/destructor code that may
-        itself wait on the dead peer (process-group teardown, DataLoader workers)."""
+        itself wait on the dead peer (process-group teardown, DataLoader workers).
+
+        Bad data (BadDataError: this rank's share of the samples) is the user's to fix, not a crash:
+        one line naming the shard and key, `error (rank N): ...`, and status 2 (launch/run.py then
+        ends quietly with 2); the checkpoints are untouched, so --resume auto continues once the
+        data is fixed."""
+        from .data.reader import BadDataError
+        if isinstance(exc, BadDataError):
+            exc.__traceback__ = None  # frees the interrupted loop's progress bar: it clears its line
+            try:
+                hint = f" {checkpoint_hint}" if checkpoint_hint else ""
+                print(f"error (rank {self.rank}): {str(exc).rstrip('. ')}.{hint}", file=sys.stderr, flush=True)
+            finally:
+                hard_exit(2)
         try:
             dead = self.dead_ranks()
             if dead:

@@ -191,7 +191,41 @@ def export_model(model, class_names_in_order: list, data_cfg: DataConfig, out_di
     os.makedirs(out_dir, exist_ok=True)
     hf.save_pretrained(out_dir)  # config.json + model.safetensors
     image_processor(data_cfg).save_pretrained(out_dir)
+    _usual_modes(out_dir, ("config.json", "model.safetensors", "preprocessor_config.json"))
     return hf
+
+
+def _usual_modes(folder: str, names) -> None:
+    """Give the files written the mode a plain open() would (0666 minus the umask): the weights file
+    comes out 0600 (written through a private temporary file), which other users of a shared
+    cluster cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
+
+
+def check_out_dir(out_dir: str) -> None:
+    """ValueError (one line) unless `out_dir` is a folder or can be created as one: checked before
+    any work, so a file in the way does not fail the export after the model was loaded and verified."""
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise ValueError(f"--out {out_dir!r} is a file, not a folder; give a folder path (it is created if "
+                             f"missing), e.g. --out exported/NAME")
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out_dir!r} is not writable (permissions or a read-only filesystem); give "
+                             f"another folder")
+        return
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out_dir!r} cannot be created: {parent!r} is a file, not a folder; give a folder "
+                         f"path, e.g. --out exported/NAME")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out_dir!r} cannot be created: {parent!r} is not writable; give another folder")
 
 
 def _verify(model, hf, size: int) -> None:
@@ -210,6 +244,7 @@ def _verify(model, hf, size: int) -> None:
 
 def export_run(run_dir: str, out_dir: str, verify: bool = True) -> str:
     """Export the final model of a finished run (see load_final_model); returns out_dir."""
+    check_out_dir(out_dir)
     model, cfg, payload = load_final_model(run_dir)
     export_model(model, payload["class_names"], cfg.data, out_dir, verify=verify)
     return out_dir

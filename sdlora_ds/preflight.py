@@ -48,7 +48,7 @@ def check(cfg: RunConfig, resume, world_size: int = 1) -> None:
     check_output_dir(cfg)
     b = cfg.backbone
     if b.source == "pretrained" and b.path and not os.path.exists(b.path):
-        raise missing_backbone_path(b.path)
+        raise missing_backbone_path(b)
     from sdlora_ds.data.index import ShardIndex
     index = ShardIndex.load(cfg.data.index, verify_checksums=False, clues=[cfg.name],
                             shard_url=cfg.data.shard_url)

@@ -183,8 +183,7 @@ class Trainer:
                        f" | mixed precision {self.acc.mixed_precision}")
             self.print(f"class order: {self.schedule.order}")
             if self.resumed_from:
-                self.print(f"resumed from {self.resumed_from}: task {self.position[0]}, epoch {self.position[1]}, "
-                           f"step {self.position[2]} (global step {self.global_step})")
+                self.print(S.resume_line(self.resumed_from, self.position, self.global_step, self.cfg))
             for t in range(self.position[0], self.cfg.cil.num_tasks):
                 self.train_task(t)
             results = self.finish()
@@ -270,7 +269,8 @@ class Trainer:
             loss = self.train_step(t, group)
             self.position = (t, epoch, step + 1)
             if self.is_main and self.global_step % self.cfg.train.log_every == 0:
-                bar.write(f"step {self.global_step} | task {t} epoch {epoch} | loss {loss:.4f}")
+                bar.write(f"step {self.global_step} | task {t} epoch {epoch + 1}/{self.cfg.optim.epochs} | "
+                          f"loss {loss:.4f}")
             if every and self.global_step % every == 0:
                 self.task_elapsed = time.time() - start
                 S.save_checkpoint(self)

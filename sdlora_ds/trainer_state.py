@@ -13,6 +13,10 @@ the atomic writing and the finding).
                    optimizer state, partitioned per rank; the frozen backbone excluded)
     rankNNNNN.pt   every rank's RNG states (torch, CUDA, numpy, python)
 
+The intra-op thread count is part of the state too (it changes the order of float reductions): it is
+recorded in trainer.json (per launch segment) and manifest.json, and a resume continues with it
+(`resume_threads`).
+
 At a task end the optimizer is discarded anyway (a fresh one per task), so task-end checkpoints hold
 no optimizer state: the model state is complete, and resuming from one is exact with ANY number of
 processes and any ZeRO stage. Mid-task: without DeepSpeed the optimizer state is complete too (DDP
@@ -75,11 +79,63 @@ def config_record(cfg, backbone: dict) -> dict:
 
 
 def topology(trainer) -> dict:
-    """How this launch runs the loop (one entry per segment of a resumed run, in results.json)."""
+    """How this launch runs the loop (one entry per segment of a resumed run, in results.json and
+    every checkpoint's trainer.json), with the intra-op thread count of its processes."""
     return {"from_global_step": trainer.global_step, "from_position": list(trainer.position),
             "world_size": trainer.world, "micro_batch": trainer.micro, "grad_accum": trainer.accum,
             "deepspeed": trainer.deepspeed, "zero_stage": trainer.stage,
-            "mixed_precision": str(trainer.acc.mixed_precision)}
+            "mixed_precision": str(trainer.acc.mixed_precision), "threads": torch.get_num_threads()}
+
+
+def resume_line(path: str, position, global_step: int, cfg) -> str:
+    """What a resumed run says about where it stands, numbered as the progress bar and the step
+    lines are (tasks from 0, epochs from 1 of E); a finished run says so."""
+    task, epoch, step = position
+    if task >= cfg.cil.num_tasks:
+        return (f"finished run (all {cfg.cil.num_tasks} tasks, global step {global_step}): its results again, from "
+                f"{path}")
+    if epoch >= cfg.optim.epochs:
+        return (f"resumed from {path}: task {task}, after its last epoch (global step {global_step}): its evaluation "
+                f"next")
+    return (f"resumed from {path}: task {task}, epoch {epoch + 1}/{cfg.optim.epochs}, after {step} of its steps "
+            f"(global step {global_step})")
+
+
+# ---------------------------------------------------------------------- the thread count
+THREADS_SOURCE_ENV = "SDLORA_THREADS_SOURCE"
+"""'auto' when launch/run.py chose OMP_NUM_THREADS itself (launch/runtime.py), 'user' when it was given."""
+
+
+def threads_source(environ=None) -> str:
+    """Who chose this process's thread count: 'user' (OMP_NUM_THREADS set by hand, or by plain
+    `accelerate launch`, which cannot be told apart) or 'auto' (launch/run.py or launch/train.py
+    from the CPU and process counts; also a Trainer built in-process without OMP_NUM_THREADS)."""
+    env = os.environ if environ is None else environ
+    if env.get(THREADS_SOURCE_ENV) in ("auto", "user"):
+        return env[THREADS_SOURCE_ENV]
+    return "user" if env.get("OMP_NUM_THREADS", "").strip() else "auto"
+
+
+def resume_threads(recorded: Optional[int], current: int, source: str, same_world: bool = True) -> tuple:
+    """(threads to continue with, the one line that says so). The thread count changes the order of
+    float reductions, so a resume continues with the count the checkpoint was trained with, unless
+    the user forced another one (then it says the run will not be bitwise), or the world size
+    changed (the sums over ranks group differently anyway: this launch's own share of the CPUs)."""
+    if recorded is not None and recorded != current and not same_world:
+        return current, (f"threads: {current} per process (the checkpoint was trained with {recorded}, on another "
+                         f"number of processes: not bitwise anyway)")
+    if recorded is None:
+        return current, (f"threads: {current} per process (the checkpoint records no thread count: it was written "
+                         f"before counts were recorded; floats may differ from an uninterrupted run in the last "
+                         f"digits)")
+    if recorded == current:
+        return current, f"threads: {current} per process, as recorded in the checkpoint"
+    if source == "auto":
+        return recorded, (f"threads: {recorded} per process, as recorded in the checkpoint (this launch would have "
+                          f"used {current}), so the run continues bitwise")
+    return current, (f"warning: OMP_NUM_THREADS={current} forces {current} thread(s) per process, the checkpoint was "
+                     f"trained with {recorded}: the resumed run will not be bitwise identical to an uninterrupted "
+                     f"one (unset OMP_NUM_THREADS, or set it to {recorded}, to continue bitwise)")
 
 
 def _per_pretrained_tensor(model, fn) -> list:
@@ -177,7 +233,8 @@ def save_checkpoint(trainer, task_end: Optional[int] = None) -> str:
                 shared["scaler.pt"] = write_torch(trainer.acc.scaler.state_dict())
     meta = {"order": [trainer.global_step, 0 if task_end is None else 1], "global_step": trainer.global_step,
             "position": state["position"], "task_end": task_end, "world_size": trainer.world,
-            "zero_stage": trainer.stage, "optimizer_state": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "zero_stage": trainer.stage, "optimizer_state": kind, "threads": torch.get_num_threads(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path = trainer.ckpt.save(checkpoint_name(trainer.global_step, task_end), meta, shared, write_torch(rng_state()),
                              collective)
     trainer.print(f"checkpoint {path}")
@@ -236,6 +293,12 @@ def load_checkpoint(trainer, path: str) -> tuple:
             f"DeepSpeed, or {_task_end_fallback(trainer)}")
     load_model_payload(trainer.model, payload, path)
     trainer.load_state_dict(state)
+    if trainer.position[0] < trainer.cfg.cil.num_tasks:  # a finished run computes nothing more
+        last = (state.get("topologies") or [{}])[-1]
+        threads, line = resume_threads(last.get("threads"), torch.get_num_threads(), threads_source(),
+                                       same_world=last.get("world_size", state["world_size"]) == trainer.world)
+        torch.set_num_threads(threads)
+        trainer.print(line)
     if kind != "none":
         trainer.pending_engine_state = path
     if saved_world == trainer.world:

@@ -26,3 +26,27 @@ def tiny_config_dict(index: str = "unused/index.json", **over) -> dict:
     for k, v in over.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return raw
+
+
+# ------------------------------------------------------------------ one thread count for the whole session
+# The thread count changes the order of float reductions, so a run compared with a fixture built
+# earlier (test_checkpoint's full_run, ...) must run under the same count. Some tests call launch/
+# entry points in-process (train.main sets torch's count; run.main sets OMP_NUM_THREADS): put both
+# back after every test, so no test inherits what another left.
+import pytest  # noqa: E402
+
+_THREAD_ENV = ("OMP_NUM_THREADS", "SDLORA_THREADS_SOURCE")
+
+
+@pytest.fixture(autouse=True)
+def _same_thread_count_for_every_test():
+    import torch
+    threads = torch.get_num_threads()
+    env = {k: os.environ.get(k) for k in _THREAD_ENV}
+    yield
+    torch.set_num_threads(threads)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

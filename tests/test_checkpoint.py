@@ -3,6 +3,7 @@ keep-last-K, exact resumption from any position, and the refusals of an incompat
 (Resuming after a SIGKILL, on 1 and 2 processes, is in test_distributed.py.)"""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -161,7 +162,7 @@ def test_resume_from_any_position_is_bitwise_exact(shards, full_run, tmp_path):
             assert comparable(json.load(f)) == comparable(ref)
 
 
-def test_resume_refusals_name_the_field_and_the_fix(shards, full_run, tmp_path):
+def test_resume_refusals_name_the_field_and_the_fix(shards, full_run, tmp_path, capsys):
     import train  # launch/train.py (on sys.path: see _launch_on_path)
     from sdlora_ds.trainer import Trainer
     out, ref = full_run
@@ -179,7 +180,11 @@ def test_resume_refusals_name_the_field_and_the_fix(shards, full_run, tmp_path):
     # fields that change nothing computed may differ: the finished run just writes its results again
     trainer = Trainer(small(shards, out, train={"log_every": 3, "keep_checkpoints": 100}), resume="auto")
     assert trainer.position == (2, 0, 0)
+    capsys.readouterr()
     res = trainer.run()
+    said = capsys.readouterr().out
+    assert "finished run (all 2 tasks, global step 12): its results again, from " in said, said
+    assert "resumed from" not in said and "threads:" not in said, said
     assert res["topologies"] == ref["topologies"]  # a re-run that trains nothing adds no launch segment
     got, want = comparable(res), comparable(ref)
     assert got.pop("config")["train"]["log_every"] == 3
@@ -311,7 +316,8 @@ def _damage(path: str) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
-def test_resume_auto_with_every_checkpoint_damaged_stops_unless_asked(shards, full_run, tmp_path, capsys):
+def test_resume_auto_with_every_checkpoint_damaged_stops_unless_asked(shards, full_run, tmp_path, capsys,
+                                                                     monkeypatch):
     import shutil
     import train
     from sdlora_ds.config import config_to_dict
@@ -328,6 +334,8 @@ def test_resume_auto_with_every_checkpoint_damaged_stops_unless_asked(shards, fu
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(config_to_dict(cfg)))
     capsys.readouterr()
+    # train.main sets the thread count from the machine; the run below compares with full_run's
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     assert train.main(["--config", str(path), "--resume", "auto"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "damaged" in err and "\n" not in err, err
@@ -337,6 +345,70 @@ def test_resume_auto_with_every_checkpoint_damaged_stops_unless_asked(shards, fu
     assert ".damaged-step-00000006-task0-end" in os.listdir(root)  # set aside for inspection, never picked up
     assert_same_logs(os.path.join(tmp_path, "run"), os.path.join(out, "run"))
     shutil.rmtree(os.path.join(root, ".damaged-step-00000006-task0-end"))
+
+
+def truncate_task_shards(index_path: str, classes, split: str = "train") -> dict:
+    """Cut every shard of `split` holding only `classes` after its first tar member (as a full disk
+    or a broken copy leaves it): any read of one fails at once, naming the shard and its first key.
+    Returns {path: original bytes} to put them back."""
+    with open(index_path) as f:
+        idx = json.load(f)
+    originals = {}
+    for sh in idx["splits"][split]["shards"]:
+        if set(sh["classes"]) <= set(classes):
+            path = os.path.join(os.path.dirname(index_path), sh["path"])
+            with open(path, "rb") as f:
+                originals[path] = f.read()
+            with open(path, "r+b") as f:
+                f.truncate(3 * 512)  # header, one small member, the next header
+    assert originals
+    return originals
+
+
+def put_back(originals: dict) -> None:
+    for path, data in originals.items():
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def test_bad_data_during_training_is_one_line_and_the_run_resumes_once_fixed(shards, full_run, tmp_path, capsys,
+                                                                             monkeypatch):
+    """A shard of task 1 goes bad after the run started (checksums not verified at the start):
+    the run stops in task 1 with one `error:` line naming the shard and key and exit status 2, the
+    task-0 checkpoint is intact, and once the shard is put back --resume auto ends exactly as the
+    uninterrupted run."""
+    import shutil
+    import train
+    from sdlora_ds.cil import TaskSchedule
+    from sdlora_ds.config import config_to_dict
+    out, ref = full_run
+    copy = str(tmp_path / "shards")
+    shutil.copytree(os.path.dirname(shards), copy)
+    index = os.path.join(copy, os.path.basename(shards))
+    cfg = small(index, tmp_path / "runs", data={"verify_checksums": False}, train={"checkpoint_every": 0})
+    originals = truncate_task_shards(index, TaskSchedule.from_config(cfg.cil).classes(1))
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(config_to_dict(cfg)))
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # full_run's count
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    capsys.readouterr()
+    assert train.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    lines = [line.strip() for line in err.splitlines() if "error" in line]  # stderr also holds the progress bars
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert "bad sample(s) 1:" not in err, err  # no warning line repeating the error
+    assert re.search(r"shard (\S+) key (\S+): tar unreadable after this key", lines[0]), lines[0]
+    assert re.search(r"shard (\S+) key", lines[0]).group(1) in originals and "--resume auto" in lines[0], lines[0]
+    ck = Checkpoints(os.path.join(cfg.run_dir, "checkpoints"), 100, OneProcess())
+    resumed, notes = ck.resolve("auto")
+    assert os.path.basename(resumed) == "step-00000006-task0-end" and not notes, notes  # intact
+    put_back(originals)
+    assert train.main(["--config", str(path), "--resume", "auto", "--set", "data.verify_checksums=true"]) == 0
+    with open(os.path.join(cfg.run_dir, "results.json")) as f:
+        got = json.load(f)
+    assert comparable(got)["loss_log"] == comparable(ref)["loss_log"] and got["acc_matrix"] == ref["acc_matrix"]
+    assert_same_logs(cfg.run_dir, os.path.join(out, "run"))
 
 
 def test_results_record_every_launch_topology_and_the_backbone_used(shards, full_run, tmp_path):
@@ -354,6 +426,57 @@ def test_results_record_every_launch_topology_and_the_backbone_used(shards, full
     assert all((t["world_size"], t["micro_batch"], t["grad_accum"], t["zero_stage"]) == (1, 8, 2, None)
                for t in res["topologies"])
     assert len(ref["topologies"]) == 1
+
+
+def test_resume_thread_count_policy():
+    from sdlora_ds.trainer_state import resume_threads, threads_source
+    assert resume_threads(2, 2, "auto") == (2, "threads: 2 per process, as recorded in the checkpoint")
+    n, line = resume_threads(2, 1, "auto")  # another load, machine or launch chose 1: back to 2
+    assert n == 2 and "as recorded in the checkpoint (this launch would have used 1)" in line
+    n, line = resume_threads(2, 1, "user")  # forced by the user: kept, and said to break bitwise
+    assert n == 1 and line.startswith("warning: OMP_NUM_THREADS=1") and "will not be bitwise" in line
+    n, line = resume_threads(2, 1, "auto", same_world=False)  # 1 process -> 2: this launch's share of the CPUs
+    assert n == 1 and "on another number of processes" in line
+    n, line = resume_threads(None, 3, "auto")  # a checkpoint from before the count was recorded
+    assert n == 3 and "records no thread count" in line
+    assert threads_source({}) == "auto" and threads_source({"OMP_NUM_THREADS": "4"}) == "user"
+    assert threads_source({"OMP_NUM_THREADS": "4", "SDLORA_THREADS_SOURCE": "auto"}) == "auto"  # run.py's own
+
+
+def test_resume_continues_with_the_recorded_thread_count(shards, full_run, tmp_path, capsys, monkeypatch):
+    """The thread count is recorded in results.json and every checkpoint; a resume launched with
+    another automatic count goes back to the recorded one (and ends bitwise equal), a forced one is
+    kept with a warning."""
+    from sdlora_ds.trainer import Trainer
+    out, ref = full_run
+    recorded = torch.get_num_threads()  # the session's count: full_run was built under it (conftest)
+    assert [t["threads"] for t in ref["topologies"]] == [recorded]
+    ckpt = os.path.join(out, "run", "checkpoints", "step-00000004")
+    assert read_manifest(ckpt)["threads"] == recorded
+    other = 1 if recorded != 1 else 2
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SDLORA_THREADS_SOURCE", raising=False)
+    torch.set_num_threads(other)  # what another machine, load or launch would have chosen
+    capsys.readouterr()
+    trainer = Trainer(small(shards, tmp_path / "auto"), resume=ckpt)
+    assert torch.get_num_threads() == recorded
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("threads:")]
+    assert said == [f"threads: {recorded} per process, as recorded in the checkpoint (this launch would have used "
+                    f"{other}), so the run continues bitwise"], said
+    got = trainer.run()
+    printed = capsys.readouterr()
+    # tasks count from 0, epochs from 1 of 2, alike in the resume line, the step lines and the progress bar
+    assert f"resumed from {ckpt}: task 0, epoch 2/2, after 1 of its steps (global step 4)" in printed.out
+    assert "step 10 | task 1 epoch 2/2 | loss" in printed.out and "task 1 epoch 2/2" in printed.err, printed
+    assert comparable(got) == comparable(ref)
+    assert [t["threads"] for t in got["topologies"]] == [recorded, recorded]
+    monkeypatch.setenv("OMP_NUM_THREADS", str(other))  # forced: kept, with the warning
+    torch.set_num_threads(other)
+    capsys.readouterr()
+    got = Trainer(small(shards, tmp_path / "forced"), resume=ckpt).run()
+    assert torch.get_num_threads() == other
+    assert "will not be bitwise" in capsys.readouterr().out
+    assert [t["threads"] for t in got["topologies"]] == [recorded, other]
 
 
 def test_backbone_fingerprint_is_exact_and_independent_of_the_thread_count():

@@ -242,7 +242,33 @@ def test_config_built_dinov2_round_trips_through_the_final_model_file(tmp_path):
     with torch.no_grad():
         want = model(x)
         torch.testing.assert_close(again(x), want, rtol=1e-5, atol=1e-5)
-    export_run(str(tmp_path), str(tmp_path / "out"))  # _verify passes
+    before = os.umask(0o022)
+    try:
+        export_run(str(tmp_path), str(tmp_path / "out"))  # _verify passes
+        os.umask(0o027)
+        export_run(str(tmp_path), str(tmp_path / "out27"))
+    finally:
+        os.umask(before)
+    # the usual modes (0666 minus the umask), never a private 0600 weights file
+    for out, mode in (("out", 0o644), ("out27", 0o640)):
+        for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+            assert os.stat(tmp_path / out / name).st_mode & 0o777 == mode, (out, name)
+
+
+def test_export_out_in_the_way_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """--out naming a file, or a folder below a file: one line, exit 2, before the run is loaded."""
+    import export as export_cli
+    import sdlora_ds.export as E
+
+    def no_work(*a, **k):
+        raise AssertionError("the run was loaded before --out was checked")
+    monkeypatch.setattr(E, "load_final_model", no_work)
+    (tmp_path / "a_file").write_text("x")
+    for out, want in ((tmp_path / "a_file", "is a file, not a folder"),
+                      (tmp_path / "a_file" / "below" / "x", f"{str(tmp_path / 'a_file')!r} is a file, not a folder")):
+        assert export_cli.main(["--run", str(tmp_path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: --out {str(out)!r}") and want in err, err
 
 
 def test_imagenet_normalisation_in_train_and_test_transforms_and_processor():

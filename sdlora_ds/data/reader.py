@@ -31,7 +31,17 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", 
 
 
 class BadDataError(RuntimeError):
-    """Bad samples past data.bad_sample_tolerance; the message names shards and keys."""
+    """Bad samples past data.bad_sample_tolerance; the message (one line) names shards and keys.
+
+    A DataLoader worker's exception reaches the trainer as type(e)("Caught BadDataError in
+    DataLoader worker process N.\nOriginal Traceback ...\nsdlora_ds.data.reader.BadDataError: <message>"):
+    the message is taken back out of that text, so the error stays one line wherever it was raised."""
+
+    def __init__(self, message: str = ""):
+        text = str(message)
+        if text.startswith("Caught BadDataError") and "BadDataError: " in text:
+            text = text.rpartition("BadDataError: ")[2]
+        super().__init__(" ".join(text.split()))
 
 
 @dataclass
@@ -201,7 +211,8 @@ class BadCounter:
     def add(self, shard: str, key: str, reason: str, n: int = 1) -> None:
         self.seen.append((shard, key, reason))
         self.count += n
-        log.warning("bad sample(s) %d: shard %s key %s: %s", self.count, shard, key, reason)
+        if self.count <= self.tolerance:  # past it, the error names it (one line, not two)
+            log.warning("bad sample(s) %d: shard %s key %s: %s", self.count, shard, key, reason)
         if self.count > self.tolerance:
             report = "; ".join(f"shard {s} key {k}: {r}" for s, k, r in self.seen[-5:])
             raise BadDataError(f"{self.count} bad sample(s) > data.bad_sample_tolerance={self.tolerance}: "

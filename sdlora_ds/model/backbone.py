@@ -98,7 +98,7 @@ def build_backbone(cfg: BackboneConfig, image_size: Optional[int] = None) -> Pre
                              "convert the checkpoint to safetensors or give a transformers folder")
         model = _from_safetensors(cfg)
     else:
-        raise missing_backbone_path(cfg.path)
+        raise missing_backbone_path(cfg)
     for p in model.parameters():
         p.requires_grad_(False)
     # Counted now, before adapters add parameters inside the backbone or ZeRO-3 partitions it.
