@@ -4,6 +4,9 @@ Parts, in order of importance (each runs in its own process with its own timeout
 pass/fail/skipped, its time and the error text, so one failing part does not lose the others):
 
   env                 versions, device, the packages the parts import
+  kernel_compile      every Triton kernel compiled by Triton's ptxas for sm_90 and sm_80 at the launchers'
+                      block sizes (sdlora_ds/kernels/compile_check.py): registers, spills, shared memory
+                      vs the per-block limit; no device needed (--cpu-smoke: ViT-B/16 bf16 on sm_90 only)
   kernel_correctness  Triton Function + kernels vs the reference Function, forward and every gradient
                       (sdlora_ds/kernels/selfcheck.py), fp32 / bf16 (fp32 and bf16 weights) / fp16,
                       on the guard's awkward shapes plus ViT-B-sized ragged ones (R_f = 190 and 490)
@@ -30,7 +33,11 @@ Outputs under --out (default $OUT): gpu_check.json (everything, rewritten after 
 gpu_check.md (tables). --cpu-smoke (or SDLORA_GPU_CHECK_CPU=1): the same parts with tiny shapes on
 the CPU, device-only variants skipped with the reason (the CPU test, tests/test_gpu_check.py).
 The orchestrating process imports only the standard library, so a missing package is reported
-(preflight) instead of crashing the script.
+(preflight) instead of crashing the script. The report is never lost: a part that fails (an error,
+a crash, a timeout, an unreadable result) is recorded with its error and the remaining parts run
+where they can (device parts are skipped when env finds no GPU); gpu_check.json and gpu_check.md are
+rewritten after every part, and the last line printed names every failed part (exit 1).
+SDLORA_GPU_CHECK_FAIL=part,... makes those parts fail on purpose (tests/test_gpu_check.py).
 """
 from __future__ import annotations
 
@@ -55,6 +62,7 @@ REQUIRED = ["torch", "torchvision", "transformers", "accelerate", "webdataset", 
 # (budget s, estimate s on one H100/H200; estimates from the step counts below, not yet measured)
 PARTS = {
     "env": (30, 5),
+    "kernel_compile": (90, 25),
     "kernel_correctness": (90, 25),
     "step_timing": (180, 75),
     "op_timing": (60, 20),
@@ -105,6 +113,21 @@ def part_env(ctx) -> dict:
                                f"{torch.__version__}, built for CUDA {torch.version.cuda}); "
                                "use --cpu-smoke for the CPU plumbing check")
     return info
+
+
+def part_kernel_compile(ctx) -> dict:
+    import torch
+    from sdlora_ds.kernels import compile_check as CC
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("TRITON_INTERPRET=1 in the part's environment: the interpreter compiles nothing")
+    kw = dict(models={"ViT-B/16": CC.MODELS["ViT-B/16"]}, tasks=(1, 20), dtypes=((torch.bfloat16, torch.float32),)) \
+        if ctx["smoke"] else {}
+    targets = (90,) if ctx["smoke"] else (90, 80)
+    records, table, bad = CC.run(targets=targets, **kw)
+    res = {"targets": list(targets), "table": table, "records": [CC.record_json(r) for r in records]}
+    if bad:
+        res["_failed"] = " || ".join(bad)
+    return res
 
 
 def part_kernel_correctness(ctx) -> dict:
@@ -445,6 +468,9 @@ def child_main(a) -> int:
            "sizes": sizes(a.cpu_smoke), "timeout": a.timeout}
     rec = {}
     try:
+        inject = [p for p in os.environ.get("SDLORA_GPU_CHECK_FAIL", "").split(",") if p]
+        if a.run_part in inject:
+            raise RuntimeError(f"failure injected by SDLORA_GPU_CHECK_FAIL={','.join(inject)}")
         result = globals()[f"part_{a.run_part}"](ctx)
         failed = result.pop("_failed", None) if isinstance(result, dict) else None
         rec = {"status": "fail" if failed else "pass", "result": result, "error": failed}
@@ -503,57 +529,112 @@ def orchestrate(a) -> int:
     names = [p for p in PARTS if not a.only or p in a.only.split(",")]
     for name in names:
         part_budget, estimate = PARTS[name]
-        left = budget - (time.perf_counter() - start)
         rec = {"budget_s": part_budget, "estimate_s": estimate}
-        env_rec = report["parts"].get("env", {})
-        shards_rec = report["parts"].get("shards", {})
-        if not smoke and name in DEVICE_PARTS and env_rec.get("status") == "fail":
-            rec.update(status="skipped", reason=f"device part; env found no usable GPU ({env_rec.get('error')})")
-        elif name in NEEDS_SHARDS and "shards" in names and shards_rec.get("status") != "pass":
-            rec.update(status="skipped", reason="needs the shard folder; the 'shards' part did not pass")
-        elif left < 10:
-            rec.update(status="skipped", reason=f"the {budget} s total budget was used up")
-        else:
-            timeout = min(part_budget, left)
-            print(f"[{time.perf_counter() - start:6.1f} s] {name}: estimate ~{estimate} s, timeout {timeout:.0f} s",
-                  flush=True)
-            result_path = os.path.join(work, f"part_{name}.json")
-            if os.path.exists(result_path):
-                os.remove(result_path)
-            cmd = [sys.executable, os.path.abspath(__file__), "--run-part", name, "--work", work, "--result",
-                   result_path, "--timeout", str(int(timeout))] + (["--cpu-smoke"] if smoke else [])
-            t0 = time.perf_counter()
-            rc, text = run_cmd(cmd, timeout, env=env)
-            rec["seconds"] = round(time.perf_counter() - t0, 1)
-            if os.path.isfile(result_path):
-                with open(result_path) as f:
-                    rec.update(json.load(f))
-            elif rc == 124:
-                rec.update(status="fail", error=f"timed out after {timeout:.0f} s (part budget {part_budget} s)")
-            else:
-                lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-                rec.update(status="fail", error=f"part process exited {rc}: {(lines or [''])[-1][:400]}")
-            rec["output_tail"] = text[-2000:]
+        try:
+            rec.update(run_part(name, report, names, a, work, env, start))
+        except Exception as exc:  # noqa: BLE001 - a bug here must not lose the other parts or the report
+            rec.update(status="fail", error=f"gpu_check could not run the part: {type(exc).__name__}: {exc}"[:600],
+                       traceback=traceback.format_exc()[-3000:])
         report["parts"][name] = rec
         msg = rec.get("error") or rec.get("reason") or ""
         print(f"[{time.perf_counter() - start:6.1f} s] {name}: {rec['status'].upper()}"
               f"{' in %.1f s' % rec['seconds'] if 'seconds' in rec else ''}{' - ' + msg if msg else ''}", flush=True)
         report["total_s"] = round(time.perf_counter() - start, 1)
-        report["device"] = report["parts"].get("env", {}).get("result", {}).get("device")
-        report["targets"] = targets(report)
-        write_outputs(report, out)
+        save_report(report, out)
     if not a.keep_work and not a.work:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"gpu_check: {report['total_s']} s; wrote {os.path.join(out, 'gpu_check.json')} and gpu_check.md", flush=True)
+    print(summary_line(report, out), flush=True)
     return 0 if all(p["status"] != "fail" for p in report["parts"].values()) else 1
+
+
+def run_part(name: str, report: dict, names: list, a, work: str, env: dict, start: float) -> dict:
+    """Run one part in its own process (or skip it); its record: status, seconds, result or error."""
+    smoke, budget = a.cpu_smoke, a.budget_s
+    part_budget, estimate = PARTS[name]
+    left = budget - (time.perf_counter() - start)
+    env_rec = report["parts"].get("env") or {}
+    shards_rec = report["parts"].get("shards") or {}
+    if not smoke and name in DEVICE_PARTS and env_rec.get("status") == "fail":
+        return dict(status="skipped", reason=f"device part; env found no usable GPU ({env_rec.get('error')})")
+    if name in NEEDS_SHARDS and "shards" in names and shards_rec.get("status") != "pass":
+        return dict(status="skipped", reason="needs the shard folder; the 'shards' part did not pass")
+    if left < 10:
+        return dict(status="skipped", reason=f"the {budget} s total budget was used up")
+    timeout = min(part_budget, left)
+    print(f"[{time.perf_counter() - start:6.1f} s] {name}: estimate ~{estimate} s, timeout {timeout:.0f} s", flush=True)
+    result_path = os.path.join(work, f"part_{name}.json")
+    if os.path.exists(result_path):
+        os.remove(result_path)
+    cmd = [sys.executable, os.path.abspath(__file__), "--run-part", name, "--work", work, "--result",
+           result_path, "--timeout", str(int(timeout))] + (["--cpu-smoke"] if smoke else [])
+    t0 = time.perf_counter()
+    rc, text = run_cmd(cmd, timeout, env=child_env(name, env))
+    rec = {"seconds": round(time.perf_counter() - t0, 1)}
+    loaded = None
+    if os.path.isfile(result_path):
+        try:
+            with open(result_path) as f:
+                loaded = json.load(f)
+        except (OSError, ValueError) as exc:  # e.g. the part was killed while writing it
+            loaded = {"status": "fail", "error": f"unreadable part result {result_path}: {exc}"}
+    if isinstance(loaded, dict) and loaded.get("status") in ("pass", "fail", "skipped"):
+        rec.update(loaded)
+    elif rc == 124:
+        rec.update(status="fail", error=f"timed out after {timeout:.0f} s (part budget {part_budget} s)")
+    else:
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        rec.update(status="fail", error=f"part process exited {rc}: {(lines or [''])[-1][:400]}")
+    rec["output_tail"] = text[-2000:]
+    return rec
+
+
+def child_env(name: str, env: dict) -> dict:
+    """The child's environment: kernel_compile compiles for NVIDIA targets, never interprets."""
+    if name == "kernel_compile":
+        env = dict(env)
+        env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def result_of(report: dict, name: str) -> dict:
+    """A part's result dict, {} when the part failed before producing one (result None) or did not run."""
+    r = (report.get("parts", {}).get(name) or {}).get("result")
+    return r if isinstance(r, dict) else {}
+
+
+def save_report(report: dict, out: str) -> None:
+    """gpu_check.json, then gpu_check.md; each is written even if the other cannot be."""
+    try:
+        report["device"] = result_of(report, "env").get("device")
+        report["targets"] = targets(report)
+    except Exception as exc:  # noqa: BLE001 - recorded; the raw parts are still written
+        report["targets"] = [{"target": "(could not be evaluated)", "goal": "", "measured": None, "met": None,
+                              "note": f"{type(exc).__name__}: {exc}"}]
+    tmp = os.path.join(out, "gpu_check.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(out, "gpu_check.json"))
+    with open(os.path.join(out, "gpu_check.md"), "w") as f:
+        f.write("\n".join(markdown(report)) + "\n")
+
+
+def summary_line(report: dict, out: str) -> str:
+    """The last line printed: every failed part with its error, and where the report is."""
+    parts = report["parts"]
+    failed = [f"{n} ({(r.get('error') or '').splitlines()[0][:200] if r.get('error') else 'no error text'})"
+              for n, r in parts.items() if r["status"] == "fail"]
+    where = f"report: {os.path.join(out, 'gpu_check.json')} and gpu_check.md"
+    if failed:
+        return f"gpu_check: FAILED {len(failed)} of {len(parts)} part(s) in {report.get('total_s')} s: " \
+               f"{'; '.join(failed)} | {where}"
+    return f"gpu_check: {len(parts)} part(s) passed or skipped in {report.get('total_s')} s | {where}"
 
 
 def targets(report: dict) -> list:
     """The issue's targets against what was measured (not evaluated in cpu-smoke mode)."""
-    parts = report["parts"]
-    step = parts.get("step_timing", {}).get("result", {}).get("per_t", {})
+    step = result_of(report, "step_timing").get("per_t") or {}
     t20 = step.get("20") or step.get(20) or {}
-    e2e = parts.get("e2e_train", {}).get("result", {})
+    e2e = result_of(report, "e2e_train")
     rows = [("step(T=20) / frozen step", "<= 1.05", t20.get("ours_over_frozen"), lambda v: v <= 1.05),
             ("per-task loop / ours at T=20", ">= 2", t20.get("loop_over_ours"), lambda v: v >= 2),
             ("ViT-B/16 bf16 img/s, step on a fixed batch (T=20)", ">= 4500", t20.get("ours_img_s"), lambda v: v >= 4500),
@@ -569,34 +650,63 @@ def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) and abs(v) < 100 else str(v))
 
 
-def write_outputs(report: dict, out: str) -> None:
-    tmp = os.path.join(out, "gpu_check.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(tmp, os.path.join(out, "gpu_check.json"))
+def markdown(report: dict) -> list:
+    """gpu_check.md's lines. Each section is rendered on its own: one that cannot be (a partial
+    result) is replaced by a line saying why, and the others are still written."""
+    md = []
+    for section in (_md_parts, _md_targets, _md_kernel_compile, _md_kernel_correctness, _md_step, _md_op,
+                    _md_throughput):
+        try:
+            md += section(report)
+        except Exception as exc:  # noqa: BLE001 - the JSON holds the raw figures anyway
+            md += ["", f"({section.__name__[4:]} section not rendered: {type(exc).__name__}: {exc})"]
+    return md
+
+
+def _md_parts(report: dict) -> list:
     p = report["parts"]
-    env = p.get("env", {}).get("result", {})
+    env = result_of(report, "env")
     md = [f"# gpu_check ({report['mode']})", "",
           f"Device: {report.get('device') or '-'}; torch {env.get('torch', '-')}, triton {env.get('triton', '-')}; "
           f"started {report['started_utc']}; total {report.get('total_s')} s of a {report['total_budget_s']} s budget.",
           "", "| part | status | seconds | budget s | estimate s | note |", "|---|---|---|---|---|---|"]
     for name, r in p.items():
         note = (r.get("error") or r.get("reason") or "").replace("|", "/")[:300]
-        skipped = (r.get("result") or {}).get("skipped_variants") if isinstance(r.get("result"), dict) else None
+        skipped = result_of(report, name).get("skipped_variants")
         if skipped:
             note = (note + " " if note else "") + "skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())
         md.append(f"| {name} | {r['status']} | {_fmt(r.get('seconds'))} | {r['budget_s']} | {r['estimate_s']} | {note} |")
-    md += ["", "## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
-    for t in report["targets"]:
+    return md
+
+
+def _md_targets(report: dict) -> list:
+    md = ["", "## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
+    for t in report.get("targets") or []:
         met = t["note"] if t["met"] is None else ("yes" if t["met"] else "**no**")
         md.append(f"| {t['target']} | {t['goal']} | {_fmt(t['measured'])} | {met} |")
-    kc = p.get("kernel_correctness", {}).get("result", {}).get("checks")
+    return md
+
+
+def _md_kernel_compile(report: dict) -> list:
+    kc = result_of(report, "kernel_compile")
+    return ["", "## Kernels compiled by Triton's ptxas (registers, spills, shared memory)", "", kc["table"]] \
+        if kc.get("table") else []
+
+
+def _md_kernel_correctness(report: dict) -> list:
+    md = []
+    kc = result_of(report, "kernel_correctness").get("checks")
     if kc:
         md += ["", "## Kernel correctness (Triton vs reference, max |diff| / max |reference|)", "",
                "| compute / weights | passed | max rel diff | worst tensor | tolerance |", "|---|---|---|---|---|"]
         for k, r in kc.items():
             md.append(f"| {k} | {r['passed']} | {_fmt(r['max_rel_diff'])} | {r['worst']} | {r['tolerance']:.0e} |")
-    st = p.get("step_timing", {}).get("result")
+    return md
+
+
+def _md_step(report: dict) -> list:
+    md = []
+    st = result_of(report, "step_timing")
     if st:
         md += ["", f"## Training step (ViT d={st['d']} x {st['layers']}, {st['image']} px, batch {st['batch']}, "
                f"amp {st['amp']}; ms, {st['stat']}; ours = {st['ours']}; frozen {_fmt(st['ms'].get('frozen'))} ms)", "",
@@ -610,7 +720,12 @@ def write_outputs(report: dict, out: str) -> None:
                       f"| {_fmt(r.get('ours_img_s'))} | {_fmt(r.get('peak_mib_ours'))} | {_fmt(r.get('peak_mib_loop'))} |")
         for k, v in st.get("variant_failures", {}).items():
             md.append(f"\nvariant {k} failed: {v}")
-    op = p.get("op_timing", {}).get("result")
+    return md
+
+
+def _md_op(report: dict) -> list:
+    md = []
+    op = result_of(report, "op_timing")
     if op:
         md += ["", f"## Stacked low-rank op ({op['tokens']} x {op['d']}, rank {op['rank']}, {op['dtype']}; ms)", "",
                "| T | plain | ours | reference impl | loop | ours/plain | loop/ours | triton/reference |",
@@ -619,24 +734,28 @@ def write_outputs(report: dict, out: str) -> None:
             md.append(f"| {t} | {_fmt(r['plain_ms'])} | {_fmt(r['ours_ms'])} | {_fmt(r['ours_reference_ms'])} "
                       f"| {_fmt(r['loop_ms'])} | {_fmt(r['ours_over_plain'])} | {_fmt(r['loop_over_ours'])} "
                       f"| {_fmt(r['triton_over_reference'])} |")
+    return md
+
+
+def _md_throughput(report: dict) -> list:
+    md = []
     rows = []
-    e2e = p.get("e2e_train", {}).get("result")
+    e2e = result_of(report, "e2e_train")
     if e2e:
         rows.append(f"| e2e 2-task run (accelerate) | {_fmt(e2e.get('img_s_steady'))} steady, "
                     f"{_fmt(e2e.get('img_s_task_wall'))} incl. set-up/eval | {_fmt(e2e.get('wall_s'))} s wall |")
-    ds = p.get("data_shards", {}).get("result")
+    ds = result_of(report, "data_shards")
     if ds:
         rows.append(f"| shard loader on that folder | {_fmt(ds['img_s'])} ({ds['workers']} workers) | |")
     for dev in ("cuda", "cpu"):
-        r = p.get(f"data_bench_{dev}", {}).get("result")
+        r = result_of(report, f"data_bench_{dev}")
         if r:
             figures = {k: v for k, v in r["result"].items() if "ips" in k or "img_s" in k or "_over_" in k}
             rows.append(f"| bench/data_throughput.py --device {dev} | "
                         f"{', '.join(f'{k} {v}' for k, v in figures.items())} | |")
     if rows:
         md += ["", "## Throughput (img/s)", "", "| what | img/s | note |", "|---|---|---|", *rows]
-    with open(os.path.join(out, "gpu_check.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    return md
 
 
 def main(argv=None) -> int:
