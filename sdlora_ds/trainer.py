@@ -392,7 +392,7 @@ class Trainer:
             # The final model for launch/export.py; the same state is in the last checkpoint
             # (checkpoints/step-*-task{T-1}-end), which --resume auto turns back into this file.
             save_final_model(os.path.join(self.run_dir, FINAL_MODEL), final_model, self.cfg, self.schedule.order,
-                             self.index.class_names)
+                             self.index.class_names, fingerprint=self.fingerprint)
         self.acc.wait_for_everyone()
         return results
 
