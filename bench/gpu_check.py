@@ -4,6 +4,9 @@ Parts, in order of importance (each runs in its own process with its own timeout
 pass/fail/skipped, its time and the error text, so one failing part does not lose the others):
 
   env                 versions, device, the packages the parts import
+  kernel_compile      every Triton kernel compiled by Triton's ptxas for sm_90 and sm_80 at the launchers'
+                      block sizes (sdlora_ds/kernels/compile_check.py): registers, spills, shared memory
+                      vs the per-block limit; no device needed (--cpu-smoke: ViT-B/16 bf16 on sm_90 only)
   kernel_correctness  Triton Function + kernels vs the reference Function, forward and every gradient
                       (sdlora_ds/kernels/selfcheck.py), fp32 / bf16 (fp32 and bf16 weights) / fp16,
                       on the guard's awkward shapes plus ViT-B-sized ragged ones (R_f = 190 and 490)
@@ -22,32 +25,37 @@ pass/fail/skipped, its time and the error text, so one failing part does not los
   data_bench_cuda     bench/data_throughput.py --device cuda --out-json (GPU decode path)
   data_bench_cpu      bench/data_throughput.py --device cpu --out-json
 
-"frozen" = the plain ViT (no adapter) with every weight frozen; only the biases of the adapted
-q/v projections take a gradient (a sum over tokens each), so its backward walks the same graph as
-SD-LoRA's (down to block 0's q/v outputs) without any low-rank work: the floor of any q/v adapter.
-
 Outputs under --out (default $OUT): gpu_check.json (everything, rewritten after each part) and
 gpu_check.md (tables). --cpu-smoke (or SDLORA_GPU_CHECK_CPU=1): the same parts with tiny shapes on
 the CPU, device-only variants skipped with the reason (the CPU test, tests/test_gpu_check.py).
 The orchestrating process imports only the standard library, so a missing package is reported
-(preflight) instead of crashing the script.
+(preflight) instead of crashing the script. The report is never lost: a part that fails (an error,
+a crash, a timeout, an unreadable result) is recorded with its error and the remaining parts run
+where they can (device parts are skipped when env finds no GPU); gpu_check.json and gpu_check.md are
+rewritten after every part, and the last line printed names every failed part (exit 1).
+SDLORA_GPU_CHECK_FAIL=part,... makes those parts fail on purpose (tests/test_gpu_check.py).
+
+Layout: this file orchestrates (and is the CLI); bench/gpu_parts/ holds the parts (one module per kind
+of measurement, `part_<name>(ctx) -> dict`), bench/gpu_check_report.py the JSON, markdown and targets.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCH)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: gpu_parts, gpu_check_report
+
+from gpu_check_report import markdown, result_of, save_report, summary_line, targets  # noqa: E402,F401
+from gpu_parts.common import BENCH, ROOT, Skip, run_cmd, sizes  # noqa: E402,F401
+
 TOTAL_BUDGET_S = 450  # 7.5 min: the device call's 8-minute target with margin for start-up and copying
 REQUIRED = ["torch", "torchvision", "transformers", "accelerate", "webdataset", "safetensors", "numpy", "PIL",
             "tqdm", "tensorboard"]
@@ -55,6 +63,7 @@ REQUIRED = ["torch", "torchvision", "transformers", "accelerate", "webdataset", 
 # (budget s, estimate s on one H100/H200; estimates from the step counts below, not yet measured)
 PARTS = {
     "env": (30, 5),
+    "kernel_compile": (90, 25),
     "kernel_correctness": (90, 25),
     "step_timing": (180, 75),
     "op_timing": (60, 20),
@@ -64,377 +73,13 @@ PARTS = {
     "data_bench_cuda": (75, 40),
     "data_bench_cpu": (75, 40),
 }
+# part -> the bench/gpu_parts module holding part_<name>
+MODULES = {"env": "env", "kernel_compile": "kernels", "kernel_correctness": "kernels", "step_timing": "step_timing",
+           "op_timing": "op_timing", "shards": "e2e", "e2e_train": "e2e", "data_shards": "data",
+           "data_bench_cuda": "data", "data_bench_cpu": "data"}
+SMOKE_BUDGET_FACTOR = 3
 DEVICE_PARTS = {"kernel_correctness", "step_timing", "op_timing", "e2e_train", "data_bench_cuda"}
 NEEDS_SHARDS = {"e2e_train", "data_shards"}
-
-
-def sizes(smoke: bool) -> dict:
-    """The measured shapes (GPU) or tiny ones that exercise the same code (CPU smoke)."""
-    if smoke:
-        return dict(d=32, layers=2, heads=4, image=32, batch=2, tasks=[1, 20], rounds=1, rank=4, cpt=2,
-                    tokens=64, op_rounds=1, classes=4, per_class=12, jpeg=64, e2e_epochs=1, e2e_batch=8,
-                    workers=0, bench_images=24)
-    return dict(d=768, layers=12, heads=12, image=224, batch=128, tasks=[1, 5, 20, 50], rounds=10, rank=10,
-                cpt=10, tokens=128 * 197, op_rounds=20, classes=4, per_class=768, jpeg=224, e2e_epochs=2,
-                e2e_batch=128, workers=max(1, min(8, (os.cpu_count() or 2) - 2)), bench_images=400)
-
-
-# ============================================================================ parts (child process)
-class Skip(Exception):
-    """The whole part does not apply here (reason in the message)."""
-
-
-def part_env(ctx) -> dict:
-    import torch
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
-            "torch_cuda": torch.version.cuda, "cpu_count": os.cpu_count(),
-            "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET")}
-    for mod in ("triton", "transformers", "accelerate", "torchvision", "deepspeed", "webdataset"):
-        try:
-            info[mod] = importlib.import_module(mod).__version__
-        except Exception as exc:  # noqa: BLE001 - recorded, the parts that need it fail on their own
-            info[mod] = f"unavailable ({type(exc).__name__}: {exc})"
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
-                    device_count=torch.cuda.device_count())
-    else:
-        info["device"] = "CPU"
-        if not ctx["smoke"]:
-            raise RuntimeError("no CUDA device: torch.cuda.is_available() is False (torch "
-                               f"{torch.__version__}, built for CUDA {torch.version.cuda}); "
-                               "use --cpu-smoke for the CPU plumbing check")
-    return info
-
-
-def part_kernel_correctness(ctx) -> dict:
-    import torch
-    from sdlora_ds.kernels import selfcheck as SC
-    cases = SC.GUARD_CASES
-    combos = [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)]
-    if not ctx["smoke"]:
-        cases = cases + (SC.Case("vitb_t20", 3 * 197, 768, 768, 190, 10),     # ViT-B q/v at 20 tasks
-                         SC.Case("ragged_t50", 1111, 777, 769, 490, 10))      # 50 tasks, no width a block multiple
-        combos.append((torch.float16, torch.float16))
-    out, bad = {}, []
-    for x_dt, w_dt in combos:
-        rec = SC.check(x_dt, ctx["device"], w_dt, cases=cases, record=False, announce=False)
-        key = f"{SC._name(x_dt)}/w_{SC._name(w_dt)}"
-        out[key] = rec
-        if not rec["passed"]:
-            bad.append(f"{key}: {rec['error']}")
-    res = {"cases": [c.__dict__ for c in cases], "checks": out}
-    if bad:
-        res["_failed"] = " || ".join(bad)
-    return res
-
-
-def _cuda(ctx) -> bool:
-    return ctx["device"].startswith("cuda")
-
-
-def part_step_timing(ctx) -> dict:
-    import torch
-    from torch import nn
-    import train_step as TS
-    from sdlora_ds.model import build_backbone
-    from sdlora_ds.model.backbone import cls_features, find_targets
-
-    s, dev, cuda = ctx["sizes"], ctx["device"], _cuda(ctx)
-    args = argparse.Namespace(d=s["d"], layers=s["layers"], heads=s["heads"], image_size=s["image"], rank=s["rank"],
-                              impl="auto", classes_per_task=s["cpt"], tasks=s["tasks"])
-    cfg = TS.make_cfg(args)
-    amp = torch.bfloat16 if cuda else None
-    g = torch.Generator().manual_seed(0)
-    batch = (torch.rand(s["batch"], 3, s["image"], s["image"], generator=g),
-             torch.randint(0, s["cpt"], (s["batch"],), generator=g))
-    impls = ["triton", "reference"] if cuda else ["reference"]
-    skipped = {} if cuda else {"ours_triton": "the Triton path needs CUDA (on CPU only the interpreter runs it)",
-                               "peak_memory": "CUDA allocator statistics only (no GPU)"}
-
-    class ImplRunner:  # the same model stepped through another adapter.impl
-        def __init__(self, model, impl, runner):
-            self.model, self.impl, self.runner = model, impl, runner
-
-        def step(self):
-            for layer in self.model.layers:
-                layer.impl = self.impl
-            self.runner.step()
-
-    class Frozen(nn.Module):  # plain ViT + head; only the q/v biases take a gradient (see module doc)
-        def __init__(self):
-            super().__init__()
-            self.backbone = build_backbone(cfg.backbone).requires_grad_(False)
-            self.head = nn.Linear(s["d"], s["cpt"])
-            self.qv_bias = [lin.bias.requires_grad_(True) for *_, lin in
-                            find_targets(self.backbone, cfg.adapter.target_modules)]
-
-        def forward(self, x):
-            return self.head(cls_features(self.backbone, x))
-
-    runners = {}
-    for t in s["tasks"]:
-        torch.manual_seed(0)
-        ours = TS.build_ours(cfg, t, s["cpt"], dev)
-        for impl in impls:
-            runners[(f"ours_{impl}", t)] = ImplRunner(
-                ours, impl, TS.Runner(ours, ours.trainable_parameters(), ours.known_classes, batch, dev, amp))
-        loop, loop_params = TS.build_loop(ours)
-        runners[("loop", t)] = TS.Runner(loop, loop_params, ours.known_classes, batch, dev, amp)
-    torch.manual_seed(0)
-    frozen = Frozen().to(dev)
-    runners[("frozen", 0)] = TS.Runner(frozen, [*frozen.qv_bias, *frozen.head.parameters()], 0, batch, dev, amp)
-
-    times = {k: [] for k in runners}
-    failed = {}
-    for r in range(s["rounds"] + 1):  # round 0 warms up (Triton compile, cuBLAS heuristics): dropped
-        for key, runner in runners.items():
-            if key in failed:
-                continue
-            try:
-                dt = TS.timed(runner.step, dev)
-            except Exception as exc:  # noqa: BLE001 - e.g. the loop out of memory at T = 50
-                failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-                if cuda:
-                    torch.cuda.empty_cache()
-                continue
-            if r:
-                times[key].append(dt)
-    ms = {f"{v}_t{t}" if v != "frozen" else "frozen": round(min(x) * 1e3, 2) for (v, t), x in times.items() if x}
-    peak = {}
-    if cuda:
-        for (v, t), runner in runners.items():
-            if (v, t) in failed:
-                continue
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            runner.step()
-            torch.cuda.synchronize()
-            used = torch.cuda.max_memory_allocated() - base
-            peak[f"{v}_t{t}" if v != "frozen" else "frozen"] = round(used / 2**20, 1)
-    ours = "ours_triton" if cuda else "ours_reference"  # what adapter.impl='auto' runs on this device
-    per_t = {}
-    for t in s["tasks"]:
-        o, lp, ref = ms.get(f"{ours}_t{t}"), ms.get(f"loop_t{t}"), ms.get(f"ours_reference_t{t}")
-        row = {"ours_ms": o, "loop_ms": lp, "ours_reference_ms": ref, "frozen_ms": ms.get("frozen")}
-        if o:
-            row["ours_over_frozen"] = round(o / ms["frozen"], 3) if ms.get("frozen") else None
-            row["loop_over_ours"] = round(lp / o, 3) if lp else None
-            row["triton_over_reference"] = round(o / ref, 3) if cuda and ref else None
-            row["ours_img_s"] = round(s["batch"] / (o / 1e3), 1)
-            row["ours_over_ours_t1"] = round(o / ms[f"{ours}_t{s['tasks'][0]}"], 3) \
-                if ms.get(f"{ours}_t{s['tasks'][0]}") else None
-        if ref and cuda:  # the PyTorch path's own ratios (what adapter.impl='reference' would give)
-            row["reference_over_frozen"] = round(ref / ms["frozen"], 3) if ms.get("frozen") else None
-            row["loop_over_reference"] = round(lp / ref, 3) if lp else None
-        row["peak_mib_ours"], row["peak_mib_loop"] = peak.get(f"{ours}_t{t}"), peak.get(f"loop_t{t}")
-        row["peak_mib_reference"] = peak.get(f"ours_reference_t{t}") if cuda else None
-        per_t[t] = row
-    return {"ours": ours, "batch": s["batch"], "d": s["d"], "layers": s["layers"], "image": s["image"],
-            "amp": "bfloat16" if cuda else "no", "rounds": s["rounds"], "stat": "min over interleaved rounds",
-            "ms": ms, "peak_step_mib": peak, "per_t": per_t, "variant_failures": failed,
-            "skipped_variants": skipped, "peak_method": "torch.cuda max_memory_allocated during one step minus "
-                                                        "memory_allocated before it"}
-
-
-def part_op_timing(ctx) -> dict:
-    import torch
-    import stacked_lowrank as SB  # bench/stacked_lowrank.py
-    s, dev, cuda = ctx["sizes"], ctx["device"], _cuda(ctx)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    impls = ["triton", "reference"] if cuda else ["reference"]
-
-    def ours_with(impl):
-        def fn(*a):
-            SB.IMPL = impl
-            return SB.ours(*a)
-        return fn
-
-    variants = {**{f"ours_{i}": ours_with(i) for i in impls}, "loop": SB.per_task_loop, "plain": SB.plain}
-    cases = {}
-    for t in s["tasks"]:
-        torch.manual_seed(0)
-        w, bias, tasks, inv_norms, mags, a_t, b_t = SB.make_case(t, s["d"], s["rank"], dev, dtype)
-        a_f = torch.cat([a for a, _ in tasks[:-1]] or [w.new_zeros(0, s["d"])])       # (R_f, d)
-        b_f = torch.cat([b for _, b in tasks[:-1]] or [w.new_zeros(s["d"], 0)], 1)    # (d, R_f)
-        col_task = torch.arange(t - 1, device=dev).repeat_interleave(s["rank"])
-        x = torch.randn(s["tokens"], s["d"], device=dev, dtype=dtype, requires_grad=True)
-        dy = torch.randn(s["tokens"], s["d"], device=dev, dtype=dtype)
-        cases[t] = (x, dy, (w, bias, tasks, inv_norms, mags, a_t, b_t, a_f, b_f, col_task), [mags, a_t, b_t])
-    times = {(v, t): [] for v in variants for t in s["tasks"]}
-    for r in range(s["op_rounds"] + 1):
-        for t in s["tasks"]:
-            for name, fn in variants.items():
-                x, dy, fn_args, params = cases[t]
-                SB.sync(dev)
-                t0 = time.perf_counter()
-                SB.step(fn, x, dy, fn_args, params)
-                SB.sync(dev)
-                if r:
-                    times[(name, t)].append(time.perf_counter() - t0)
-    ms = {f"{v}_t{t}": round(min(x) * 1e3, 3) for (v, t), x in times.items()}
-    ours = "ours_triton" if cuda else "ours_reference"
-    per_t = {t: {"ours_ms": ms[f"{ours}_t{t}"], "loop_ms": ms[f"loop_t{t}"], "plain_ms": ms[f"plain_t{t}"],
-                 "ours_reference_ms": ms[f"ours_reference_t{t}"],
-                 "ours_over_plain": round(ms[f"{ours}_t{t}"] / ms[f"plain_t{t}"], 3),
-                 "loop_over_ours": round(ms[f"loop_t{t}"] / ms[f"{ours}_t{t}"], 3),
-                 "triton_over_reference": round(ms[f"ours_triton_t{t}"] / ms[f"ours_reference_t{t}"], 3)
-                 if cuda else None} for t in s["tasks"]}
-    return {"ours": ours, "tokens": s["tokens"], "d": s["d"], "rank": s["rank"], "dtype": str(dtype).split(".")[1],
-            "rounds": s["op_rounds"], "ms": ms, "per_t": per_t,
-            "skipped_variants": {} if cuda else {"ours_triton": "the Triton path needs CUDA"}}
-
-
-def part_shards(ctx) -> dict:
-    from data_throughput import make_jpegs  # bench/data_throughput.py
-    from shards.imagefolder import convert_folder
-    s = ctx["sizes"]
-    src, out = os.path.join(ctx["work"], "jpegs"), os.path.join(ctx["work"], "shards")
-    for d in (src, out):
-        shutil.rmtree(d, ignore_errors=True)
-    t0 = time.perf_counter()
-    # longer side s["jpeg"] px (the 4th argument is the (shortest, longest) range of the longer side)
-    make_jpegs(src, s["classes"] * s["per_class"], s["classes"], (s["jpeg"], s["jpeg"]))
-    gen_s = time.perf_counter() - t0
-    index = convert_folder(src, out, workers=max(1, s["workers"]), progress=False)
-    return {"index": index, "train_images": s["classes"] * s["per_class"], "classes": s["classes"],
-            "jpeg_px": s["jpeg"], "generate_s": round(gen_s, 2), "convert_s": round(time.perf_counter() - t0 - gen_s, 2)}
-
-
-def _index(ctx) -> str:
-    path = os.path.join(ctx["work"], "shards", "index.json")
-    if not os.path.isfile(path):
-        raise RuntimeError(f"no shard index at {path}: the 'shards' part did not produce it")
-    return path
-
-
-def e2e_overrides(ctx, index: str) -> list:
-    """The --set overrides of the 2-task run (the base config is written by part_e2e_train)."""
-    s = ctx["sizes"]
-    return [f"backbone.hidden_size={s['d']}", f"backbone.num_layers={s['layers']}",
-            f"backbone.num_heads={s['heads']}", f"backbone.mlp_size={4 * s['d']}", f"backbone.image_size={s['image']}",
-            f"data.image_size={s['image']}", f"data.test_resize={s['image']}", f"data.index={index}",
-            f"data.num_workers={s['workers']}", f"optim.global_batch={s['e2e_batch']}",
-            f"optim.epochs={s['e2e_epochs']}", f"adapter.rank={s['rank']}",
-            f"output_dir={os.path.join(ctx['work'], 'runs')}"]
-
-
-def part_e2e_train(ctx) -> dict:
-    s = ctx["sizes"]
-    index = _index(ctx)
-    base = {"name": "gpu_check_e2e",
-            "backbone": {"source": "config", "patch_size": 16},
-            "cil": {"num_classes": s["classes"], "init_classes": s["classes"] // 2,
-                    "increment": s["classes"] // 2, "num_tasks": 2},
-            "data": {"index": index}, "optim": {"lr": 0.01},
-            "train": {"log_every": 5, "keep_checkpoints": 1}}
-    cfg_path = os.path.join(ctx["work"], "e2e_config.json")
-    with open(cfg_path, "w") as f:
-        json.dump(base, f, indent=1)
-    shutil.rmtree(os.path.join(ctx["work"], "runs"), ignore_errors=True)
-    accel = ["--config_file", os.path.join("launch", "accelerate_1gpu.yaml")] if _cuda(ctx) else \
-        ["--config_file", os.path.join("launch", "accelerate_cpu.yaml"), "--num_processes", "1",
-         "--main_process_port", "0"]  # 0: a free port (a shared CPU machine may hold 29500)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *accel, os.path.join("launch", "train.py"),
-           "--config", cfg_path]
-    for o in e2e_overrides(ctx, index):
-        cmd += ["--set", o]
-    t0 = time.perf_counter()
-    rc, text = run_cmd(cmd, ctx["timeout"] - 5, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    wall = time.perf_counter() - t0
-    with open(os.path.join(ctx["work"], "e2e_train.log"), "w") as f:
-        f.write(text)
-    check_lines = [ln for ln in text.splitlines() if "kernel self-check" in ln]
-    res = ctx["partial"] = {"command": " ".join(cmd), "returncode": rc, "wall_s": round(wall, 1),
-                            "selfcheck_lines": check_lines, "log_tail": text[-3000:]}
-    if rc != 0:
-        err = [ln for ln in text.splitlines() if ln.startswith("error:") or "Error" in ln]
-        raise RuntimeError(f"accelerate launch exited {rc}: {(err or text.splitlines() or [''])[-1][:400]}")
-    run_dir = os.path.join(ctx["work"], "runs", "gpu_check_e2e")
-    with open(os.path.join(run_dir, "results.json")) as f:
-        results = json.load(f)
-    train_imgs = (s["classes"] // 2) * s["per_class"] * s["e2e_epochs"]  # per task
-    res.update(task_seconds=results["task_seconds"], mixed_precision=results.get("mixed_precision"),
-               img_s_task_wall=round(2 * train_imgs / sum(results["task_seconds"]), 1),
-               img_s_task_wall_note="train images / task seconds (includes engine set-up, evaluation, checkpoint)")
-    res.update(steady_rate(os.path.join(run_dir, "tensorboard"), s["e2e_batch"]))
-    return res
-
-
-def steady_rate(tb_dir: str, batch: int) -> dict:
-    """img/s between each task's second and last optimizer step, from the wall times TensorBoard
-    stores with every train/loss point (the trainer logs after the step's loss reached the host)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    loss = {e.step: e.wall_time for e in acc.Scalars("train/loss")}
-    task = {e.step: int(e.value) for e in acc.Scalars("train/task")}
-    per_task = {}
-    for t in sorted(set(task.values())):
-        steps = sorted(st for st, tt in task.items() if tt == t)
-        if len(steps) >= 3:
-            a, b = steps[1], steps[-1]
-            per_task[t] = {"steps": b - a, "img_s": round((b - a) * batch / (loss[b] - loss[a]), 1)}
-    n = sum(v["steps"] for v in per_task.values())
-    overall = round(sum(v["img_s"] * v["steps"] for v in per_task.values()) / n, 1) if n else None
-    return {"img_s_steady": overall, "img_s_steady_per_task": per_task,
-            "img_s_steady_note": "each task's first step (compile, worker start) left out; data loading included"}
-
-
-def _epoch(loader) -> tuple:
-    """(seconds, images) of one pass over a loader, wall clock."""
-    t0, n = time.perf_counter(), 0
-    for x, _ in loader:
-        n += x.shape[0]
-    return time.perf_counter() - t0, n
-
-
-def part_data_shards(ctx) -> dict:
-    from sdlora_ds.config import DataConfig
-    from sdlora_ds.data import ShardIndex, build_loader
-    s = ctx["sizes"]
-    path = _index(ctx)
-    index = ShardIndex.load(path, verify_checksums=True)
-    cfg = DataConfig(index=path, image_size=s["image"], test_resize=s["image"], num_workers=s["workers"])
-    kw = dict(split="train", class_ids=list(range(index.num_classes)), train=True, batch_size=s["e2e_batch"],
-              rank=0, world_size=1, seed=0)
-    epochs = [_epoch(build_loader(index, cfg, epoch=e, **kw)) for e in range(2)]  # epoch 0 warms up
-    secs, n = epochs[1]
-    return {"workers": s["workers"], "images": n, "seconds": round(secs, 3), "img_s": round(n / secs, 1),
-            "img_s_per_worker": round(n / secs / max(1, s["workers"]), 1), "warmup_epoch_s": round(epochs[0][0], 3)}
-
-
-def _data_bench(ctx, device: str) -> dict:
-    s = ctx["sizes"]
-    path = os.path.join(ctx["work"], f"data_bench_{device}.json")
-    if os.path.exists(path):
-        os.remove(path)
-    cmd = [sys.executable, os.path.join("bench", "data_throughput.py"), "--images", str(s["bench_images"]),
-           "--workers", str(s["workers"]), "--device", device, "--out-json", path,
-           "--dir", os.path.join(ctx["work"], f"data_bench_{device}")]
-    cmd += ["--classes", "2", "--repeats", "1", "--min-side", "64", "--max-side", "96", "--batch", "8"] \
-        if ctx["smoke"] else ["--repeats", "3"]
-    shutil.rmtree(os.path.join(ctx["work"], f"data_bench_{device}"), ignore_errors=True)
-    os.makedirs(os.path.join(ctx["work"], f"data_bench_{device}"))
-    rc, text = run_cmd(cmd, ctx["timeout"] - 5)
-    if rc != 0:
-        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-        raise RuntimeError(f"bench/data_throughput.py exited {rc}: {(lines or [''])[-1][:400]}")
-    if not os.path.isfile(path):
-        raise RuntimeError(f"bench/data_throughput.py did not write --out-json {path}")
-    with open(path) as f:
-        return {"command": " ".join(cmd), "result": json.load(f)}
-
-
-def part_data_bench_cuda(ctx) -> dict:
-    if not _cuda(ctx):
-        raise Skip("GPU decode path: no CUDA device")
-    return _data_bench(ctx, "cuda")
-
-
-def part_data_bench_cpu(ctx) -> dict:
-    return _data_bench(ctx, "cpu")
 
 
 def child_main(a) -> int:
@@ -445,7 +90,11 @@ def child_main(a) -> int:
            "sizes": sizes(a.cpu_smoke), "timeout": a.timeout}
     rec = {}
     try:
-        result = globals()[f"part_{a.run_part}"](ctx)
+        inject = [p for p in os.environ.get("SDLORA_GPU_CHECK_FAIL", "").split(",") if p]
+        if a.run_part in inject:
+            raise RuntimeError(f"failure injected by SDLORA_GPU_CHECK_FAIL={','.join(inject)}")
+        module = importlib.import_module(f"gpu_parts.{MODULES[a.run_part]}")
+        result = getattr(module, f"part_{a.run_part}")(ctx)
         failed = result.pop("_failed", None) if isinstance(result, dict) else None
         rec = {"status": "fail" if failed else "pass", "result": result, "error": failed}
     except Skip as exc:
@@ -459,20 +108,6 @@ def child_main(a) -> int:
 
 
 # ============================================================================ orchestration (stdlib only)
-def run_cmd(cmd: list, timeout: float, env=None) -> tuple:
-    """(returncode, stdout+stderr); on timeout the whole process group is killed (accelerate's
-    children too) and returncode is 124."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=max(1.0, timeout))
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return 124, (out or "") + f"\n[timed out after {timeout:.0f} s]"
-
-
 def preflight(smoke: bool) -> list:
     missing = [m for m in REQUIRED + ([] if smoke else ["triton"]) if importlib.util.find_spec(m) is None]
     if missing:
@@ -503,140 +138,73 @@ def orchestrate(a) -> int:
     names = [p for p in PARTS if not a.only or p in a.only.split(",")]
     for name in names:
         part_budget, estimate = PARTS[name]
-        left = budget - (time.perf_counter() - start)
         rec = {"budget_s": part_budget, "estimate_s": estimate}
-        env_rec = report["parts"].get("env", {})
-        shards_rec = report["parts"].get("shards", {})
-        if not smoke and name in DEVICE_PARTS and env_rec.get("status") == "fail":
-            rec.update(status="skipped", reason=f"device part; env found no usable GPU ({env_rec.get('error')})")
-        elif name in NEEDS_SHARDS and "shards" in names and shards_rec.get("status") != "pass":
-            rec.update(status="skipped", reason="needs the shard folder; the 'shards' part did not pass")
-        elif left < 10:
-            rec.update(status="skipped", reason=f"the {budget} s total budget was used up")
-        else:
-            timeout = min(part_budget, left)
-            print(f"[{time.perf_counter() - start:6.1f} s] {name}: estimate ~{estimate} s, timeout {timeout:.0f} s",
-                  flush=True)
-            result_path = os.path.join(work, f"part_{name}.json")
-            if os.path.exists(result_path):
-                os.remove(result_path)
-            cmd = [sys.executable, os.path.abspath(__file__), "--run-part", name, "--work", work, "--result",
-                   result_path, "--timeout", str(int(timeout))] + (["--cpu-smoke"] if smoke else [])
-            t0 = time.perf_counter()
-            rc, text = run_cmd(cmd, timeout, env=env)
-            rec["seconds"] = round(time.perf_counter() - t0, 1)
-            if os.path.isfile(result_path):
-                with open(result_path) as f:
-                    rec.update(json.load(f))
-            elif rc == 124:
-                rec.update(status="fail", error=f"timed out after {timeout:.0f} s (part budget {part_budget} s)")
-            else:
-                lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-                rec.update(status="fail", error=f"part process exited {rc}: {(lines or [''])[-1][:400]}")
-            rec["output_tail"] = text[-2000:]
+        try:
+            rec.update(run_part(name, report, names, a, work, env, start))
+        except Exception as exc:  # noqa: BLE001 - a bug here must not lose the other parts or the report
+            rec.update(status="fail", error=f"gpu_check could not run the part: {type(exc).__name__}: {exc}"[:600],
+                       traceback=traceback.format_exc()[-3000:])
         report["parts"][name] = rec
         msg = rec.get("error") or rec.get("reason") or ""
         print(f"[{time.perf_counter() - start:6.1f} s] {name}: {rec['status'].upper()}"
               f"{' in %.1f s' % rec['seconds'] if 'seconds' in rec else ''}{' - ' + msg if msg else ''}", flush=True)
         report["total_s"] = round(time.perf_counter() - start, 1)
-        report["device"] = report["parts"].get("env", {}).get("result", {}).get("device")
-        report["targets"] = targets(report)
-        write_outputs(report, out)
+        save_report(report, out)
     if not a.keep_work and not a.work:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"gpu_check: {report['total_s']} s; wrote {os.path.join(out, 'gpu_check.json')} and gpu_check.md", flush=True)
+    print(summary_line(report, out), flush=True)
     return 0 if all(p["status"] != "fail" for p in report["parts"].values()) else 1
 
 
-def targets(report: dict) -> list:
-    """The issue's targets against what was measured (not evaluated in cpu-smoke mode)."""
-    parts = report["parts"]
-    step = parts.get("step_timing", {}).get("result", {}).get("per_t", {})
-    t20 = step.get("20") or step.get(20) or {}
-    e2e = parts.get("e2e_train", {}).get("result", {})
-    rows = [("step(T=20) / frozen step", "<= 1.05", t20.get("ours_over_frozen"), lambda v: v <= 1.05),
-            ("per-task loop / ours at T=20", ">= 2", t20.get("loop_over_ours"), lambda v: v >= 2),
-            ("ViT-B/16 bf16 img/s, step on a fixed batch (T=20)", ">= 4500", t20.get("ours_img_s"), lambda v: v >= 4500),
-            ("ViT-B/16 bf16 img/s, end-to-end 2-task run", ">= 4500", e2e.get("img_s_steady"), lambda v: v >= 4500)]
-    smoke = report["mode"] == "cpu-smoke"
-    return [{"target": n, "goal": g, "measured": v,
-             "met": None if (smoke or v is None) else bool(ok(v)),
-             "note": "not evaluated: cpu-smoke (tiny shapes, no GPU)" if smoke else
-             ("not measured (part failed or skipped)" if v is None else "")} for n, g, v, ok in rows]
+def run_part(name: str, report: dict, names: list, a, work: str, env: dict, start: float) -> dict:
+    """Run one part in its own process (or skip it); its record: status, seconds, result or error."""
+    smoke, budget = a.cpu_smoke, a.budget_s
+    part_budget, estimate = PARTS[name]
+    left = budget - (time.perf_counter() - start)
+    env_rec = report["parts"].get("env") or {}
+    shards_rec = report["parts"].get("shards") or {}
+    if not smoke and name in DEVICE_PARTS and env_rec.get("status") == "fail":
+        return dict(status="skipped", reason=f"device part; env found no usable GPU ({env_rec.get('error')})")
+    if name in NEEDS_SHARDS and "shards" in names and shards_rec.get("status") != "pass":
+        return dict(status="skipped", reason="needs the shard folder; the 'shards' part did not pass")
+    if left < 10:
+        return dict(status="skipped", reason=f"the {budget} s total budget was used up")
+    # the budgets are sized for a GPU machine; a shared CPU may take many seconds to import torch
+    scale = a.budget_scale if a.budget_scale is not None else (SMOKE_BUDGET_FACTOR if smoke else 1)
+    timeout = min(part_budget * scale, left)
+    print(f"[{time.perf_counter() - start:6.1f} s] {name}: estimate ~{estimate} s, timeout {timeout:.0f} s", flush=True)
+    result_path = os.path.join(work, f"part_{name}.json")
+    if os.path.exists(result_path):
+        os.remove(result_path)
+    cmd = [sys.executable, os.path.abspath(__file__), "--run-part", name, "--work", work, "--result",
+           result_path, "--timeout", str(int(timeout))] + (["--cpu-smoke"] if smoke else [])
+    t0 = time.perf_counter()
+    rc, text = run_cmd(cmd, timeout, env=child_env(name, env))
+    rec = {"seconds": round(time.perf_counter() - t0, 1)}
+    loaded = None
+    if os.path.isfile(result_path):
+        try:
+            with open(result_path) as f:
+                loaded = json.load(f)
+        except (OSError, ValueError) as exc:  # e.g. the part was killed while writing it
+            loaded = {"status": "fail", "error": f"unreadable part result {result_path}: {exc}"}
+    if isinstance(loaded, dict) and loaded.get("status") in ("pass", "fail", "skipped"):
+        rec.update(loaded)
+    elif rc == 124:
+        rec.update(status="fail", error=f"timed out after {timeout:.0f} s (part budget {part_budget} s)")
+    else:
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        rec.update(status="fail", error=f"part process exited {rc}: {(lines or [''])[-1][:400]}")
+    rec["output_tail"] = text[-2000:]
+    return rec
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else (f"{v:.3g}" if isinstance(v, float) and abs(v) < 100 else str(v))
-
-
-def write_outputs(report: dict, out: str) -> None:
-    tmp = os.path.join(out, "gpu_check.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(tmp, os.path.join(out, "gpu_check.json"))
-    p = report["parts"]
-    env = p.get("env", {}).get("result", {})
-    md = [f"# gpu_check ({report['mode']})", "",
-          f"Device: {report.get('device') or '-'}; torch {env.get('torch', '-')}, triton {env.get('triton', '-')}; "
-          f"started {report['started_utc']}; total {report.get('total_s')} s of a {report['total_budget_s']} s budget.",
-          "", "| part | status | seconds | budget s | estimate s | note |", "|---|---|---|---|---|---|"]
-    for name, r in p.items():
-        note = (r.get("error") or r.get("reason") or "").replace("|", "/")[:300]
-        skipped = (r.get("result") or {}).get("skipped_variants") if isinstance(r.get("result"), dict) else None
-        if skipped:
-            note = (note + " " if note else "") + "skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items())
-        md.append(f"| {name} | {r['status']} | {_fmt(r.get('seconds'))} | {r['budget_s']} | {r['estimate_s']} | {note} |")
-    md += ["", "## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
-    for t in report["targets"]:
-        met = t["note"] if t["met"] is None else ("yes" if t["met"] else "**no**")
-        md.append(f"| {t['target']} | {t['goal']} | {_fmt(t['measured'])} | {met} |")
-    kc = p.get("kernel_correctness", {}).get("result", {}).get("checks")
-    if kc:
-        md += ["", "## Kernel correctness (Triton vs reference, max |diff| / max |reference|)", "",
-               "| compute / weights | passed | max rel diff | worst tensor | tolerance |", "|---|---|---|---|---|"]
-        for k, r in kc.items():
-            md.append(f"| {k} | {r['passed']} | {_fmt(r['max_rel_diff'])} | {r['worst']} | {r['tolerance']:.0e} |")
-    st = p.get("step_timing", {}).get("result")
-    if st:
-        md += ["", f"## Training step (ViT d={st['d']} x {st['layers']}, {st['image']} px, batch {st['batch']}, "
-               f"amp {st['amp']}; ms, {st['stat']}; ours = {st['ours']}; frozen {_fmt(st['ms'].get('frozen'))} ms)", "",
-               "| T | ours | reference impl | loop | ours/frozen | reference/frozen | loop/ours | triton/reference "
-               "| ours/ours(T1) | img/s | peak MiB ours | peak MiB loop |", "|---" * 12 + "|"]
-        for t, r in st["per_t"].items():
-            md.append(f"| {t} | {_fmt(r.get('ours_ms'))} | {_fmt(r.get('ours_reference_ms'))} | {_fmt(r.get('loop_ms'))} "
-                      f"| {_fmt(r.get('ours_over_frozen'))} | {_fmt(r.get('reference_over_frozen'))} "
-                      f"| {_fmt(r.get('loop_over_ours'))} "
-                      f"| {_fmt(r.get('triton_over_reference'))} | {_fmt(r.get('ours_over_ours_t1'))} "
-                      f"| {_fmt(r.get('ours_img_s'))} | {_fmt(r.get('peak_mib_ours'))} | {_fmt(r.get('peak_mib_loop'))} |")
-        for k, v in st.get("variant_failures", {}).items():
-            md.append(f"\nvariant {k} failed: {v}")
-    op = p.get("op_timing", {}).get("result")
-    if op:
-        md += ["", f"## Stacked low-rank op ({op['tokens']} x {op['d']}, rank {op['rank']}, {op['dtype']}; ms)", "",
-               "| T | plain | ours | reference impl | loop | ours/plain | loop/ours | triton/reference |",
-               "|---|---|---|---|---|---|---|---|"]
-        for t, r in op["per_t"].items():
-            md.append(f"| {t} | {_fmt(r['plain_ms'])} | {_fmt(r['ours_ms'])} | {_fmt(r['ours_reference_ms'])} "
-                      f"| {_fmt(r['loop_ms'])} | {_fmt(r['ours_over_plain'])} | {_fmt(r['loop_over_ours'])} "
-                      f"| {_fmt(r['triton_over_reference'])} |")
-    rows = []
-    e2e = p.get("e2e_train", {}).get("result")
-    if e2e:
-        rows.append(f"| e2e 2-task run (accelerate) | {_fmt(e2e.get('img_s_steady'))} steady, "
-                    f"{_fmt(e2e.get('img_s_task_wall'))} incl. set-up/eval | {_fmt(e2e.get('wall_s'))} s wall |")
-    ds = p.get("data_shards", {}).get("result")
-    if ds:
-        rows.append(f"| shard loader on that folder | {_fmt(ds['img_s'])} ({ds['workers']} workers) | |")
-    for dev in ("cuda", "cpu"):
-        r = p.get(f"data_bench_{dev}", {}).get("result")
-        if r:
-            figures = {k: v for k, v in r["result"].items() if "ips" in k or "img_s" in k or "_over_" in k}
-            rows.append(f"| bench/data_throughput.py --device {dev} | "
-                        f"{', '.join(f'{k} {v}' for k, v in figures.items())} | |")
-    if rows:
-        md += ["", "## Throughput (img/s)", "", "| what | img/s | note |", "|---|---|---|", *rows]
-    with open(os.path.join(out, "gpu_check.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+def child_env(name: str, env: dict) -> dict:
+    """The child's environment: kernel_compile compiles for NVIDIA targets, never interprets."""
+    if name == "kernel_compile":
+        env = dict(env)
+        env.pop("TRITON_INTERPRET", None)
+    return env
 
 
 def main(argv=None) -> int:
@@ -647,6 +215,8 @@ def main(argv=None) -> int:
                     help="tiny shapes on the CPU, device-only variants skipped (also SDLORA_GPU_CHECK_CPU=1)")
     ap.add_argument("--only", default=None, help="comma-separated parts to run (e.g. to rerun what failed)")
     ap.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="total time budget in seconds")
+    ap.add_argument("--budget-scale", type=float, default=None,
+                    help=f"multiply every part's budget (default 1; {SMOKE_BUDGET_FACTOR} with --cpu-smoke)")
     ap.add_argument("--work", default=None, help="work folder for shards and runs (default: a temporary one, removed)")
     ap.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
     ap.add_argument("--run-part", default=None, help=argparse.SUPPRESS)
@@ -656,6 +226,10 @@ def main(argv=None) -> int:
     if a.only and set(a.only.split(",")) - set(PARTS):
         ap.error(f"--only: unknown part(s) {sorted(set(a.only.split(',')) - set(PARTS))}; parts: {list(PARTS)}")
     return child_main(a) if a.run_part else orchestrate(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
 
 
 if __name__ == "__main__":

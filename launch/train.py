@@ -2,6 +2,10 @@
 --config configs/<run>.json [--set key=value ...] [--resume auto|PATH]` (run.py is `accelerate
 launch` with clean user errors; `accelerate launch` itself works the same way).
 
+`--dry-run` checks a run before GPU hours are spent on it: the same config, launcher, model, data
+and checkpoint code, but a couple of optimizer steps per task and a small evaluation sample (printed),
+into the run folder <name>-dry-run (sdlora_ds/dryrun.py).
+
 Parses arguments, checks the inputs, runs the Trainer. A user mistake (config, paths, data index,
 resume) stops every process with exit code 2 and ONE line, `error: ...`, printed by the first
 process of each node (runtime.report_error). The checks that need no other process (`check`) run
@@ -29,6 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fresh-if-damaged", action="store_true",
                         help="with --resume auto: if every checkpoint of the run folder is damaged, set them aside "
                              "(checkpoints/.damaged-*) and start the run over, logs included (without it: exit 2)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the run before spending GPU hours on it: this config, launcher, model, data and "
+                             "checkpoint code, but --dry-run-steps optimizer steps per task and a small evaluation "
+                             "sample, into the run folder <name>-dry-run (sdlora_ds/dryrun.py)")
+    parser.add_argument("--dry-run-steps", type=int, default=2, metavar="N", help="--dry-run: optimizer steps per task")
+    parser.add_argument("--dry-run-eval-images", type=int, default=64, metavar="N",
+                        help="--dry-run: test images per evaluation (about; one batch per rank)")
     return parser.parse_args(argv)
 
 
@@ -38,6 +49,11 @@ def main(argv=None) -> int:
         cfg = load_and_check(args, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:  # user mistakes: one line naming the field/file and the fix
         return runtime.report_error(e)
+    if args.dry_run:
+        from sdlora_ds.config import load_config
+        from sdlora_ds.dryrun import describe, is_first_process
+        if is_first_process():
+            print(describe(load_config(args.config, args.set), cfg, int(os.environ.get("WORLD_SIZE", "1"))), flush=True)
     if "OMP_NUM_THREADS" not in os.environ:  # no launcher: a share of this machine (see runtime.py)
         runtime.set_cpu_threads(runtime.local_world_size())
     runtime.deepspeed_build_note()

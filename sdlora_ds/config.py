@@ -376,6 +376,9 @@ class TrainConfig:
     """Optimizer steps between loss/learning-rate log lines (TensorBoard gets every step)."""
     eval_batch: int = 128
     """Evaluation batch per rank."""
+    eval_max_batches: Optional[int] = None
+    """Cap on evaluation batches per rank: a sample of the test split (launch/train.py --dry-run sets
+    it); null = every test sample, checked against the index's count."""
     checkpoint_every: int = 0
     """Optimizer steps between mid-task checkpoints; 0 = only at the end of each task."""
     keep_checkpoints: int = 2
@@ -393,6 +396,8 @@ class TrainConfig:
             _fail(f"{p}.checkpoint_every", self.checkpoint_every, "must be >= 0")
         if self.probe_size < 0:
             _fail(f"{p}.probe_size", self.probe_size, "must be >= 0 (0 turns the feature probe off)")
+        if self.eval_max_batches is not None and self.eval_max_batches <= 0:
+            _fail(f"{p}.eval_max_batches", self.eval_max_batches, "must be > 0 or null")
 
 
 @dataclass

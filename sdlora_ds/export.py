@@ -33,14 +33,17 @@ FORMAT = "sdlora-ds-final/1"
 
 
 # ------------------------------------------------------------------ the run's final model file
-def save_final_model(path: str, model, cfg: RunConfig, class_order: list, class_names: list) -> None:
+def save_final_model(path: str, model, cfg: RunConfig, class_order: list, class_names: list,
+                     fingerprint: Optional[list] = None) -> None:
     """Write what export (or a later evaluation) needs to rebuild `model` (call on rank 0).
     class_names: the shard index's names by class id. A backbone built from the config (random
-    init, tests) cannot be rebuilt from a file, so its weights are saved too."""
+    init, tests) cannot be rebuilt from a file, so its weights are saved too. fingerprint: the
+    backbone's as loaded (the trainer's, taken before DeepSpeed bf16/fp16 casts the model, so that
+    export finds the file the run was trained from); None: computed from `model`."""
     full = cfg.backbone.source == "config"
     payload = {"format": FORMAT, "method": cfg.method, "structure": model.structure(),
                "state": model.state_dict() if full else model.adapter_state_dict(), "full_state": full,
-               "backbone_fingerprint": None if full else backbone_fingerprint(model),
+               "backbone_fingerprint": None if full else (fingerprint or backbone_fingerprint(model)),
                "class_order": list(class_order), "class_names": [class_names[c] for c in class_order]}
     payload["state"] = {k: v.detach().cpu() for k, v in payload["state"].items()}
     tmp = f"{path}.tmp"

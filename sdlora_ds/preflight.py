@@ -59,7 +59,11 @@ def check(cfg: RunConfig, resume, world_size: int = 1) -> None:
 
 
 def load_and_check(args, world_size: int = 1) -> RunConfig:
-    """The config of train.py's arguments (--config, --set, --resume), checked for `world_size` processes."""
+    """The config of train.py's arguments (--config, --set, --resume, --dry-run), checked for
+    `world_size` processes. With --dry-run: the dry run's config (sdlora_ds/dryrun.py)."""
     cfg = load_config(args.config, args.set)
+    if getattr(args, "dry_run", False):
+        from .dryrun import dry_run_config
+        cfg = dry_run_config(cfg, world_size, args.dry_run_steps, args.dry_run_eval_images)
     check(cfg, args.resume, world_size)
     return cfg

@@ -17,6 +17,7 @@ the logs are put back to the checkpoint's position (logger.py), or started fresh
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from contextlib import nullcontext
@@ -413,8 +414,10 @@ class Trainer:
         count = torch.zeros(t + 1, dtype=torch.long)
         forward = self.engine if self.stage == 3 else self.acc.unwrap_model(self.engine)
         self.engine.eval()
+        cap = self.cfg.train.eval_max_batches  # a sample (dry run): the same count on every rank
+        batches = loader if cap is None else itertools.islice(loader, cap)
         with merged_eval(self.acc.unwrap_model(self.engine)):
-            for images, labels in tqdm(loader, desc=f"eval after task {t}", disable=not self.is_main, leave=False):
+            for images, labels in tqdm(batches, desc=f"eval after task {t}", disable=not self.is_main, leave=False):
                 keep = labels >= 0  # padding samples (label -1) keep batch counts equal, never count
                 with self.acc.autocast():
                     logits = forward(images.to(self.acc.device))
@@ -428,7 +431,10 @@ class Trainer:
         expected = self.index.count(self.cfg.data.test_split, self.schedule.seen_classes(t))
         # Fewer only when bad test samples were tolerated (data.bad_sample_tolerance): they are reported.
         assert int(count.sum()) <= expected, f"evaluated {int(count.sum())} test samples, index has {expected}"
-        if int(count.sum()) < expected:
+        if cap is not None:
+            self.print(f"evaluation sample (train.eval_max_batches={cap}): {int(count.sum())} of {expected} test "
+                       f"images, per task {count.tolist()}")
+        elif int(count.sum()) < expected:
             self.print(f"warning: {expected - int(count.sum())} bad test sample(s) skipped in this evaluation")
         row = (100.0 * correct.double() / count.clamp_min(1).double()).tolist()
         self.acc_matrix.append(row)
@@ -478,7 +484,7 @@ class Trainer:
             # The final model for launch/export.py; the same state is in the last checkpoint
             # (checkpoints/step-*-task{T-1}-end), which --resume auto turns back into this file.
             save_final_model(os.path.join(self.run_dir, FINAL_MODEL), final_model, self.cfg, self.schedule.order,
-                             self.index.class_names)
+                             self.index.class_names, fingerprint=self.fingerprint)
         self.acc.wait_for_everyone()
         return results
 

@@ -12,9 +12,16 @@ Two kernels replace the two places where the reference spends T-dependent work:
 Everything else (the big GEMMs, the current task's dA/dB, the dense-gradient path when it is
 cheaper) is cuBLAS through PyTorch, shared with the reference in stacked_lowrank.py.
 
-All block sizes are powers of two >= 16 (compiled `tl.dot` on NVIDIA needs >= 16); loads are masked
-so that no width has to be a multiple of a block. Tuning for a real GPU is still to do: the sizes
-are conservative defaults, chosen without a GPU.
+Block sizes. `tl.arange` needs powers of two. Compiled `tl.dot` on NVIDIA (Triton 3.8,
+backends/nvidia/compiler.py `min_dot_size`) needs K >= 8 for 32-bit operands (fp32/tf32), K >= 16
+for 16-bit (bf16/fp16), K >= 32 for 8-bit; M and N only >= 1 (padded to the tensor-core tile).
+Every `tl.dot` here multiplies fp32 operands, so K >= 8 is what compiles (merge: K = BLOCK_R;
+colsum: K = BLOCK_K); all sizes are kept >= 16 so that a dot on 16-bit operands would compile too.
+The interpreter checks none of this (it ran 8x8x8 in bf16): tests/test_triton_compile.py compiles
+every kernel for sm_90 and sm_80 at the launchers' block sizes and checks registers, spills and
+shared memory (kernels/compile_check.py). Loads are masked so that no width has to be a multiple of
+a block. Tuning for a real GPU is still to do: the sizes are conservative defaults, chosen without
+a GPU (0 spills and <= 24.6 kB shared memory at every checked shape).
 
 This module imports on machines without a working triton; asking it for the Triton path there
 raises an error that says so (there is no silent fallback to PyTorch).
@@ -22,7 +29,7 @@ raises an error that says so (there is no silent fallback to PyTorch).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -114,45 +121,74 @@ def _require_triton(t: torch.Tensor) -> None:
                            "use impl='reference' for the PyTorch path on CPU")
 
 
-def merge(weight, a_f, b_f, s_f, a_c, b_c, m_c, include_cur: bool,
-          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Triton twin of stacked_lowrank._merge_torch: W + B diag(s) A, (d_out, d_in), accumulated
-    in fp32 and stored once in out_dtype (no fp32 temporary for a bf16 forward)."""
-    _require_triton(weight)
+class Launch(NamedTuple):
+    """One kernel launch as the launchers build it: kernel[grid](*args, **meta). `out` is the
+    tensor the launch writes. compile_check.py compiles exactly this (meta tensors stand in)."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    meta: dict
+    out: torch.Tensor
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def merge_launch(weight, a_f, b_f, s_f, a_c, b_c, m_c, include_cur: bool,
+                 out_dtype: torch.dtype = torch.float32) -> Launch:
+    """The merge launch of merge() (works on meta tensors: no data is read)."""
     if include_cur and a_c is not None:  # the current task is r more columns, scale m_cur
         a = torch.cat([a_f.to(a_c.dtype), a_c])                           # (R_f + r, d_in)
         b = torch.cat([b_f.to(b_c.dtype), b_c], 1)                        # (d_out, R_f + r)
         s = torch.cat([s_f.float(), m_c.float().reshape(1).expand(a_c.shape[0])])
     else:
         a, b, s = a_f, b_f, s_f.float()
+    s = s.contiguous()
     d_out, d_in = weight.shape
     out = torch.empty(d_out, d_in, device=weight.device, dtype=out_dtype)
-    grid = (triton.cdiv(d_out, MERGE_BLOCK_O), triton.cdiv(d_in, MERGE_BLOCK_I))
-    _merge_kernel[grid](weight, a, b, s.contiguous(), out, d_out, d_in, a.shape[0],
-                        weight.stride(0), weight.stride(1), a.stride(0), a.stride(1),
-                        b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-                        BLOCK_O=MERGE_BLOCK_O, BLOCK_I=MERGE_BLOCK_I, BLOCK_R=MERGE_BLOCK_R)
-    return out
+    grid = (_cdiv(d_out, MERGE_BLOCK_O), _cdiv(d_in, MERGE_BLOCK_I))
+    args = (weight, a, b, s, out, d_out, d_in, a.shape[0],
+            weight.stride(0), weight.stride(1), a.stride(0), a.stride(1),
+            b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+    meta = dict(BLOCK_O=MERGE_BLOCK_O, BLOCK_I=MERGE_BLOCK_I, BLOCK_R=MERGE_BLOCK_R)
+    return Launch(_merge_kernel, grid, args, meta, out)
+
+
+def colsum_launch(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Launch:
+    """The colsum launch of colsum(); `out` is the (row blocks, R) partial sums (meta tensors work)."""
+    a, b = a.to(x.dtype), b.to(dy.dtype)  # round the factors as the reference does (R x d, cheap)
+    bn, d_in = x.shape
+    d_out, r = b.shape
+    n_blocks = _cdiv(bn, COLSUM_BLOCK_N)
+    part = torch.empty(n_blocks, r, device=x.device, dtype=torch.float32)  # (row blocks, R)
+    # fp32 inputs: exact products, as cuBLAS gives by default (torch leaves TF32 off for matmul);
+    # 16-bit inputs are exact in tf32, so they take the tensor-core path at no loss
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    grid = (n_blocks, _cdiv(r, COLSUM_BLOCK_R))
+    args = (x, dy, a, b, part, bn, d_in, d_out, r,
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+    meta = dict(BLOCK_N=COLSUM_BLOCK_N, BLOCK_R=COLSUM_BLOCK_R, BLOCK_K=COLSUM_BLOCK_K, PRECISION=precision)
+    return Launch(_colsum_kernel, grid, args, meta, part)
+
+
+def merge(weight, a_f, b_f, s_f, a_c, b_c, m_c, include_cur: bool,
+          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Triton twin of stacked_lowrank._merge_torch: W + B diag(s) A, (d_out, d_in), accumulated
+    in fp32 and stored once in out_dtype (no fp32 temporary for a bf16 forward)."""
+    _require_triton(weight)
+    k = merge_launch(weight, a_f, b_f, s_f, a_c, b_c, m_c, include_cur, out_dtype)
+    k.kernel[k.grid](*k.args, **k.meta)
+    return k.out
 
 
 def colsum(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Triton twin of stacked_lowrank._colsum_torch: (R,) fp32. x (BN, d_in), dy (BN, d_out)."""
     _require_triton(x)
-    a, b = a.to(x.dtype), b.to(dy.dtype)  # round the factors as the reference does (R x d, cheap)
-    bn, d_in = x.shape
-    d_out, r = b.shape
-    n_blocks = triton.cdiv(bn, COLSUM_BLOCK_N)
-    part = torch.empty(n_blocks, r, device=x.device, dtype=torch.float32)  # (row blocks, R)
-    # fp32 inputs: exact products, as cuBLAS gives by default (torch leaves TF32 off for matmul);
-    # 16-bit inputs are exact in tf32, so they take the tensor-core path at no loss
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    grid = (n_blocks, triton.cdiv(r, COLSUM_BLOCK_R))
-    _colsum_kernel[grid](x, dy, a, b, part, bn, d_in, d_out, r,
-                         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-                         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                         BLOCK_N=COLSUM_BLOCK_N, BLOCK_R=COLSUM_BLOCK_R, BLOCK_K=COLSUM_BLOCK_K,
-                         PRECISION=precision)
-    return part.sum(0)
+    k = colsum_launch(x, dy, a, b)
+    k.kernel[k.grid](*k.args, **k.meta)
+    return k.out.sum(0)
 
 
 class TritonStackedLowRankFunction(torch.autograd.Function):
