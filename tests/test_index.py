@@ -52,7 +52,7 @@ def test_check_against_names_config_fields(digits_dir):
 
 
 def test_missing_index_names_the_fix(tmp_path):
-    with pytest.raises(ValueError, match=r"does not exist.*python -m shards.digits --out"):
+    with pytest.raises(ValueError, match=r"does not exist.*python -m shards.<dataset> --out"):
         ShardIndex.load(str(tmp_path / "nope" / "index.json"))
 
 

