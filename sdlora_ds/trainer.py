@@ -304,8 +304,9 @@ class Trainer:
         self.log.scalar("train/loss", loss, self.global_step)
         self.log.scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.global_step)
         self.log.scalar("train/task", t, self.global_step)
-        mags = getattr(self.acc.unwrap_model(self.engine), "magnitudes", None)
-        if mags is not None and (self.global_step % self.cfg.train.log_every == 0 or self.global_step == 1):
+        logged = self.global_step % self.cfg.train.log_every == 0 or self.global_step == 1
+        mags = getattr(self.model, "magnitudes", None) if logged else None  # self.model: the module the engine wraps
+        if mags is not None:
             values = [float(v) for v in mags().detach().float().cpu()]  # (m + k) per task so far
             self.magnitude_log.append((self.global_step, values))
             for j, v in enumerate(values):
