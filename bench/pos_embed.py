@@ -12,18 +12,15 @@ whether the two outputs are bitwise equal (precomputing would be exact; the ques
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from timing import STATS, add_timing_args, device_name, setup_timing  # noqa: E402
+from timing import STATS, add_timing_args, device_name, setup_timing
 
-from sdlora_ds.config import BackboneConfig  # noqa: E402
-from sdlora_ds.model.backbone import build_backbone  # noqa: E402
+from sdlora_ds.config import BackboneConfig
+from sdlora_ds.model.backbone import build_backbone
 
 VIT_S14 = dict(source="config", arch="dinov2", hidden_size=384, num_layers=12, num_heads=6, mlp_size=1536,
                patch_size=14, image_size=518)

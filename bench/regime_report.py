@@ -22,12 +22,9 @@ import os
 import statistics
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from regime import METHODS, SEEDS, SELECT  # noqa: E402
-from sdlora_ds.report import _figure, write_report  # noqa: E402
+from regime import METHODS, SEEDS, SELECT
+from sdlora_ds.report import _figure, write_report
 
 STEP_BUDGETS = {40: "steps40_{m}", 150: "{m}", 300: "steps300_{m}"}  # steps per task -> group name pattern
 

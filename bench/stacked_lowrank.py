@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from timing import STATS, add_timing_args, device_name, setup_timing  # noqa: E402
-from sdlora_ds.kernels import stacked_lowrank_linear  # noqa: E402
+from timing import STATS, add_timing_args, device_name, setup_timing
+from sdlora_ds.kernels import stacked_lowrank_linear
 
 
 def make_case(t_count, d, rank, device, dtype, seed=0):

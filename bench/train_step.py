@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -31,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from timing import STATS, add_timing_args, device_name, setup_timing  # noqa: E402
-from sdlora_ds.config import config_from_dict  # noqa: E402
-from sdlora_ds.model import SDLoRAModel, build_backbone  # noqa: E402
-from sdlora_ds.model.backbone import cls_features  # noqa: E402
+from timing import STATS, add_timing_args, device_name, setup_timing
+from sdlora_ds.config import config_from_dict
+from sdlora_ds.model import SDLoRAModel, build_backbone
+from sdlora_ds.model.backbone import cls_features
 
 
 class LoopLoRALinear(nn.Module):

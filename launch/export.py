@@ -1,39 +1,7 @@
-"""Export a finished run as a transformers image-classification folder:
-
-    python launch/export.py --run runs/NAME --out exported/NAME
-
-Works from any directory: a relative backbone.path in the run's config.json (as given to training)
-is looked up in the folder training ran in (the run folder minus output_dir/name: for runs/NAME,
-the folder holding runs/), then in the current directory; the backbone fingerprint stored in
-final_model.pt confirms the weights. A mistake (no such run, backbone not found or changed) is one
-`error:` line, exit code 2. Logic: sdlora_ds/export.py.
-"""
-import argparse
-import os
+"""`python launch/export.py ...` = `sdlora-export ...`: see sdlora_ds/cli/export.py (needs `pip install -e .`)."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from sdlora_ds.export import export_run  # noqa: E402
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Fold SD-LoRA into the dense weights and write a transformers "
-                                                 "ViT/Dinov2(WithRegisters)ForImageClassification folder (safetensors)")
-    parser.add_argument("--run", required=True, help="run folder (runs/NAME) with config.json and final_model.pt")
-    parser.add_argument("--out", required=True, help="output folder (created)")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="skip the check that the exported model's logits equal the trained model's")
-    args = parser.parse_args(argv)
-    try:
-        out = export_run(args.run, args.out, verify=not args.no_verify)
-    except ValueError as e:  # user mistakes: one line naming the folder/field and the fix
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported {args.run} -> {out} (load with AutoModelForImageClassification.from_pretrained or "
-          f"pipeline('image-classification', model={out!r}))")
-    return 0
-
+from sdlora_ds.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,16 +13,14 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import runtime  # launch/runtime.py (this script's folder is on sys.path)
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-import runtime  # noqa: E402  (launch/runtime.py)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from sdlora_ds.config import BackboneConfig, load_config  # noqa: E402
-from sdlora_ds.data import ShardIndex, build_loader  # noqa: E402
-from sdlora_ds.model.backbone import build_backbone, cls_features  # noqa: E402
+from sdlora_ds.config import BackboneConfig, load_config
+from sdlora_ds.data import ShardIndex, build_loader
+from sdlora_ds.model.backbone import build_backbone, cls_features
 
 
 def main(argv=None) -> int:

@@ -24,11 +24,9 @@ import os
 import subprocess
 import sys
 
-LAUNCH = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, LAUNCH)
-sys.path.insert(1, os.path.dirname(LAUNCH))
+import runtime  # launch/runtime.py (this script's folder is on sys.path)
 
-import runtime  # noqa: E402
+LAUNCH = os.path.dirname(os.path.abspath(__file__))
 
 TRAIN = os.path.join(LAUNCH, "train.py")
 _ELASTIC_LOGGER = "torch.distributed.elastic.multiprocessing.api"

@@ -15,8 +15,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import runtime  # noqa: E402  (launch/runtime.py)
 from sdlora_ds.preflight import check, check_output_dir, load_and_check  # noqa: E402,F401  (run.py, tests)
 

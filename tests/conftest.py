@@ -8,8 +8,13 @@ import sys
 if os.environ.get("SDLORA_COMPILED_TRITON") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The package is installed editable by launch/test.sh (`pip install -e .[dev]`). The tests also run
+# from a Python that lacks the install (e.g. a shared venv): the repository root goes first on this
+# process's path and on PYTHONPATH for the scripts the tests start (launch/*.py, accelerate workers),
+# so the code under test is this checkout's, installed or not.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 def tiny_config_dict(index: str = "unused/index.json", **over) -> dict:

@@ -1,10 +1,9 @@
-"""Export (sdlora_ds/export.py, launch/export.py): a run's final model becomes a plain
+"""Export (sdlora_ds/export.py, sdlora_ds/cli/export.py): a run's final model becomes a plain
 ViTForImageClassification folder whose `pipeline("image-classification")` predictions equal the
 trainer's own on every test sample (reduced run: 3 tasks, rank schedule, KD merges included)."""
 import io
 import json
 import os
-import sys
 import tarfile
 
 import numpy as np
@@ -12,10 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, tiny_config_dict
+from conftest import tiny_config_dict
 from sdlora_ds.config import BackboneConfig, DataConfig, config_from_dict
-
-sys.path.insert(0, os.path.join(ROOT, "launch"))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +75,7 @@ def images_in_loader_order(trainer):
 
 
 def test_pipeline_predictions_equal_the_trainers(run, tmp_path):
-    import export as export_cli
+    from sdlora_ds.cli import export as export_cli
     from transformers import ViTForImageClassification, ViTImageProcessor
     from sdlora_ds.export import predict_labels
     trainer, run_dir, _ = run
@@ -108,7 +105,7 @@ def test_pipeline_predictions_equal_the_trainers(run, tmp_path):
 
 
 def test_export_refuses_a_changed_backbone_and_a_missing_run(run, tmp_path, capsys):
-    import export as export_cli
+    from sdlora_ds.cli import export as export_cli
     from transformers import ViTModel
     from sdlora_ds.export import export_run
     from sdlora_ds.model.backbone import vit_config

@@ -1,4 +1,4 @@
-"""launch/sweep.py: command construction, skipping finished runs, resuming, failures (no real training:
+"""sdlora_ds/cli/sweep.py (launch/sweep.py, sdlora-sweep): command construction, skipping finished runs, resuming, failures (no real training:
 the launcher is a fake train.py that resolves the config like train.py and writes a results.json)."""
 import json
 import os
@@ -10,8 +10,7 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-import sweep  # noqa: E402  (launch/sweep.py)
+from sdlora_ds.cli import sweep
 
 CONFIGS = [os.path.join(ROOT, "configs", f"{name}.json") for name in ("demo_digits", "demo_digits_seq_lora")]
 

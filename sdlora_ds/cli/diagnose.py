@@ -1,0 +1,52 @@
+"""Split a finished run's errors into within-task and between-task ones (task-aware accuracy),
+and print its task-boundary diagnostics (results.json 'boundaries', sdlora_ds/diagnostics.py):
+
+    sdlora-diagnose --run runs/NAME [--json out.json] [--boundaries-only]
+
+Run from the folder training ran in (the config's data.index is read as given). Logic:
+sdlora_ds/diagnose.py. Task-aware accuracy uses the true task id: a diagnostic, not a CIL result.
+"""
+import argparse
+import json
+import os
+import sys
+
+from sdlora_ds.diagnose import diagnose_run, format_diagnosis
+from sdlora_ds.diagnostics import format_boundaries
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="task-aware vs task-agnostic accuracy of a finished run")
+    parser.add_argument("--run", required=True, help="run folder (runs/NAME) with config.json and final_model.pt")
+    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--boundaries-only", action="store_true",
+                        help="print the boundary diagnostics of results.json only (no evaluation pass)")
+    args = parser.parse_args(argv)
+    results = os.path.join(args.run, "results.json")
+    if not os.path.isfile(results):
+        print(f"error: {results} not found; --run takes the folder of a finished run", file=sys.stderr)
+        return 2
+    with open(results) as f:
+        boundaries = json.load(f).get("boundaries")
+    d = {}
+    if not args.boundaries_only:
+        try:
+            d = diagnose_run(args.run, batch_size=args.batch)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(format_diagnosis(d))
+    if boundaries is None:
+        print("task boundaries: not recorded (the run predates the boundary diagnostics)")
+    else:
+        print("task boundaries:\n" + (format_boundaries(boundaries) or "  none (a single task)"))
+    d["boundaries"] = boundaries
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(d, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
