@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     if "OMP_NUM_THREADS" not in os.environ:  # no launcher: a share of this machine (see runtime.py)
         runtime.set_cpu_threads(runtime.local_world_size())
     runtime.deepspeed_build_note()
+    from sdlora_ds.distributed import resolve_deepspeed_config_file
+    resolve_deepspeed_config_file(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # launch/*.yaml
     from sdlora_ds.trainer import Trainer
     try:
         trainer = Trainer(cfg, resume=args.resume, fresh_if_damaged=args.fresh_if_damaged)

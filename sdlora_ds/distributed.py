@@ -40,9 +40,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from .config import ConfigError, RunConfig
+from .runlock import RunLock, RunLockError, release_all
 
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass
@@ -62,14 +61,18 @@ def ddp_kwargs_handler() -> DistributedDataParallelKwargs:
     return DistributedDataParallelKwargs(broadcast_buffers=False)
 
 
-def make_accelerator(cfg: RunConfig) -> Accelerator:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # The accelerate configs in launch/ name their DeepSpeed file relative to the repository root;
-    # accept them from any working directory.
+def resolve_deepspeed_config_file(root: str) -> None:
+    """A relative ACCELERATE_DEEPSPEED_CONFIG_FILE that does not exist from the current folder is
+    taken relative to `root` (the accelerate configs in launch/ name their DeepSpeed file relative
+    to the repository root: launch/train.py passes it, so they work from any working directory)."""
     ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if ds_file and not os.path.isabs(ds_file) and not os.path.exists(ds_file) and \
-            os.path.exists(os.path.join(REPO, ds_file)):
-        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = os.path.join(REPO, ds_file)
+            os.path.exists(os.path.join(root, ds_file)):
+        os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = os.path.join(root, ds_file)
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
     handlers = []
     if world > 1 or deepspeed:
@@ -238,13 +241,32 @@ def broadcast_object(accelerator: Accelerator, obj, src: int = 0):
     return box[0]
 
 
+def lock_run_folder(accelerator: Accelerator, run_dir: str) -> tuple:
+    """(RunLock on global rank 0 / None elsewhere, notes). Only rank 0 takes the lock (multi-node
+    runs share output_dir); every rank learns the outcome, so all stop alike (RunLockError) when
+    another trainer holds the folder or it cannot be written."""
+    lock, answer = None, ("ok", [])
+    if accelerator.is_main_process:
+        lock = RunLock(run_dir)
+        try:
+            answer = ("ok", lock.acquire())
+        except RunLockError as e:
+            answer = ("error", str(e))
+        except OSError as e:
+            answer = ("error", f"config field 'output_dir': cannot write the run folder {run_dir!r} "
+                               f"({e.strerror or e}); choose a writable folder")
+    answer = broadcast_object(accelerator, answer)
+    if answer[0] == "error":
+        raise RunLockError(answer[1])
+    return lock, answer[1]
+
+
 # ---------------------------------------------------------------------- a dead peer, a dead launcher
 STORE_FAILURES = 3  # consecutive failed heartbeats (interval apart) before the store counts as gone
 
 
 def hard_exit(code: int) -> None:
     """Exit now (os._exit: no teardown that could wait on a dead peer), releasing the run lock first."""
-    from .runlock import release_all
     try:
         release_all()
     finally:

@@ -212,27 +212,6 @@ class RunLock:
             self._old_sigterm = None
 
 
-def lock_run_folder(accelerator, run_dir: str) -> tuple:
-    """(RunLock on global rank 0 / None elsewhere, notes). Only rank 0 takes the lock (multi-node
-    runs share output_dir); every rank learns the outcome, so all stop alike (RunLockError) when
-    another trainer holds the folder or it cannot be written."""
-    from .distributed import broadcast_object
-    lock, answer = None, ("ok", [])
-    if accelerator.is_main_process:
-        lock = RunLock(run_dir)
-        try:
-            answer = ("ok", lock.acquire())
-        except RunLockError as e:
-            answer = ("error", str(e))
-        except OSError as e:
-            answer = ("error", f"config field 'output_dir': cannot write the run folder {run_dir!r} "
-                               f"({e.strerror or e}); choose a writable folder")
-    answer = broadcast_object(accelerator, answer)
-    if answer[0] == "error":
-        raise RunLockError(answer[1])
-    return lock, answer[1]
-
-
 def release_all() -> None:
     """Release every lock of this process (before os._exit, and at interpreter exit)."""
     for lock in list(_held):

@@ -40,7 +40,8 @@ from .export import FINAL_MODEL, save_final_model
 from .kernels import selfcheck
 from .logger import MetricLogger, flatten
 from .model import build_model
-from .runlock import RunLock, lock_run_folder
+from .distributed import lock_run_folder
+from .runlock import RunLock
 from . import trainer_state as S
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlora_ds.kernels import stacked_lowrank as sl
+from sdlora_ds.kernels import reference as ref
 from sdlora_ds.kernels.stacked_lowrank import merge_weight, stacked_lowrank_linear
 
 RANKS = (10, 8, 6)  # the SD-LoRA-RR schedule, cycled so that ranks mix inside one stack
@@ -68,7 +68,7 @@ def stack_frozen(frozen, frozen_mags, d_in, d_out):
 @pytest.fixture(params=["proj", "dense"])
 def backward_path(request, monkeypatch):
     """Force one of the two ds strategies so that both are checked at every shape."""
-    monkeypatch.setattr(sl, "_dense_is_cheaper", lambda *a, **k: request.param == "dense")
+    monkeypatch.setattr(ref, "_dense_is_cheaper", lambda *a, **k: request.param == "dense")
     return request.param
 
 
@@ -184,12 +184,12 @@ def test_needs_input_grad_is_respected():
 
 
 def test_cost_model_picks_projections_for_few_columns_and_dense_for_many():
-    assert not sl._dense_is_cheaper(25_000, 768, 768, 190, 10)  # ViT-B, 20 tasks
-    assert sl._dense_is_cheaper(25_000, 384, 384, 190, 10)      # ViT-S, 20 tasks
-    assert not sl._dense_is_cheaper(25_000, 384, 384, 90, 10)   # ViT-S, 10 tasks
-    assert sl._dense_is_cheaper(25_000, 384, 384, 400, 10)      # R_f > d
-    assert not sl._dense_is_cheaper(25_000, 384, 384, 0, 10)    # current task only
-    assert not sl._dense_is_cheaper(25_000, 384, 384, 0, 0)     # nothing to reduce
+    assert not ref._dense_is_cheaper(25_000, 768, 768, 190, 10)  # ViT-B, 20 tasks
+    assert ref._dense_is_cheaper(25_000, 384, 384, 190, 10)      # ViT-S, 20 tasks
+    assert not ref._dense_is_cheaper(25_000, 384, 384, 90, 10)   # ViT-S, 10 tasks
+    assert ref._dense_is_cheaper(25_000, 384, 384, 400, 10)      # R_f > d
+    assert not ref._dense_is_cheaper(25_000, 384, 384, 0, 10)    # current task only
+    assert not ref._dense_is_cheaper(25_000, 384, 384, 0, 0)     # nothing to reduce
 
 
 def test_bf16_safe_mode_keeps_a_small_current_update():

@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
+from sdlora_ds.kernels import reference as ref  # noqa: E402
 from sdlora_ds.kernels import stacked_lowrank as sl  # noqa: E402
 from sdlora_ds.kernels import triton_stacked as ts  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -55,7 +56,7 @@ def test_merge_kernel(dtype, r_f, r_c):
     w, a_f, b_f, s_f, (a_c, b_c, m_c) = factors(r_f, 37, 50, r_c)
     w = w.to(dtype)
     got = ts.merge(w, a_f, b_f, s_f, a_c, b_c, m_c, True, dtype)
-    want = sl._merge_torch(w, a_f, b_f, s_f, a_c, b_c, m_c, True, dtype)
+    want = ref._merge_torch(w, a_f, b_f, s_f, a_c, b_c, m_c, True, dtype)
     close(got, want, dtype)
     if r_f == 0 and r_c == 0:
         assert torch.equal(got, w)  # nothing to add: an exact copy
@@ -68,7 +69,7 @@ def test_colsum_kernel(dtype, bn, r):
     x = torch.randn(bn, 37, generator=g).to(dtype)
     dy = torch.randn(bn, 50, generator=g).to(dtype)
     a, b = torch.randn(r, 37, generator=g), torch.randn(50, r, generator=g)
-    want = sl._colsum_torch(x, dy, a, b)
+    want = ref._colsum_torch(x, dy, a, b)
     if dtype != torch.float32:  # the kernel keeps projections in fp32; compare with that
         want = ((x.float() @ a.to(dtype).float().t()) * (dy.float() @ b.to(dtype).float())).sum(0)
     close(ts.colsum(x, dy, a, b), want, torch.float32)
@@ -91,7 +92,7 @@ def run(impl, dtype, r_f, r_c, bias, safe, x_shape=(3, 5), d_in=37, d_out=50, se
 
 @pytest.fixture(params=["proj", "dense"])
 def backward_path(request, monkeypatch):
-    monkeypatch.setattr(sl, "_dense_is_cheaper", lambda *a, **k: request.param == "dense")
+    monkeypatch.setattr(ref, "_dense_is_cheaper", lambda *a, **k: request.param == "dense")
     return request.param
 
 

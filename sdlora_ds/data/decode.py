@@ -1,7 +1,7 @@
 """GPU decode + augmentation (data.decode = "cuda"): workers read bytes, the GPU decodes them.
 
 Split of the work:
-- DataLoader worker (`EncodeForDevice`, the stream's transform): reads the JPEG header, draws the
+- DataLoader worker (`EncodeForDevice` in transforms.py, the stream's transform): reads the JPEG header, draws the
   sample's geometry exactly as the CPU path does (`FastTransform.plan`: the reference's crop and
   flip draws from the per-sample seeded RNG), and passes the encoded bytes on with that plan
   (a 1-D uint8 tensor: 9 int32 plan fields, then the JPEG). A non-JPEG sample is transformed on
@@ -17,58 +17,21 @@ the tests check it against the CPU path. data.decode = "cuda" without a CUDA dev
 """
 from __future__ import annotations
 
-import io
 from typing import Optional
 
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from sdlora_ds.data.transforms import FastTransform, Plan
-
-_HEADER = 9  # int32 plan fields before the JPEG bytes
+# The worker half lives with the other transforms (build_transform returns it); imported here by its
+# old address too.
+from sdlora_ds.data.transforms import ENCODED_HEADER as _HEADER
+from sdlora_ds.data.transforms import EncodeForDevice, FastTransform, Plan, collate_encoded  # noqa: F401
 
 
 def require_cuda(field: str = "data.decode") -> None:
     if not torch.cuda.is_available():
         raise ValueError(f"config field '{field}' = 'cuda' but no CUDA device is visible (torch.cuda.is_available() "
                          f"is False); set {field} = 'cpu' on machines without a GPU")
-
-
-class EncodeForDevice:
-    """Worker side: bytes -> 1-D uint8 (plan header + JPEG bytes), or float32 (3, S, S) for non-JPEG."""
-
-    def __init__(self, cfg, train: bool):
-        self.cpu = FastTransform(cfg, train)
-
-    def __call__(self, src) -> torch.Tensor:
-        from PIL import Image
-        if not isinstance(src, (bytes, bytearray, memoryview)):
-            return self.cpu(src)
-        data = bytes(src)
-        img = Image.open(io.BytesIO(data))  # header only
-        if img.format != "JPEG":
-            return self.cpu(img)
-        p = self.cpu.plan(*img.size)
-        head = torch.tensor([p.top, p.left, p.height, p.width, p.resize_h, p.resize_w, p.crop_top, p.crop_left,
-                             int(p.flip)], dtype=torch.int32).view(torch.uint8)
-        return torch.cat([head, torch.frombuffer(bytearray(data), dtype=torch.uint8)])
-
-    @staticmethod
-    def collate(items: list) -> dict:
-        return collate_encoded(items)
-
-
-def collate_encoded(items: list) -> dict:
-    """items: 1-D uint8 (encoded) or float (3, S, S) (finished) -> one dict of tensors for the batch."""
-    enc = [i for i, x in enumerate(items) if x.dtype == torch.uint8 and x.ndim == 1]
-    done = [i for i in range(len(items)) if i not in set(enc)]
-    lengths = torch.tensor([items[i].numel() for i in enc], dtype=torch.int64)
-    offsets = torch.zeros(len(enc) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(lengths, 0)
-    return {"size": torch.tensor(len(items)), "encoded_idx": torch.tensor(enc, dtype=torch.int64),
-            "encoded": torch.cat([items[i] for i in enc]) if enc else torch.zeros(0, dtype=torch.uint8),
-            "offsets": offsets, "done_idx": torch.tensor(done, dtype=torch.int64),
-            "done": torch.stack([items[i] for i in done]) if done else torch.zeros(0)}
 
 
 class DeviceDecoder:

@@ -22,10 +22,9 @@ from sdlora_ds.data.source import probe as probe_locations
 from sdlora_ds.fileio import sha256_file
 
 FORMAT = "sdlora-ds-shards/1"
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Dataset name (lower case, letters and digits only) -> converter module and its source argument.
-# A hint names a converter only if its module exists in shards/. (module, its --src argument, what
-# must be installed first, a note on the repository's demo use)
+# Dataset name (lower case, letters and digits only) -> converter module of the shards package,
+# its --src argument, what must be installed first, a note on the repository's demo use
+# (tests/test_imports.py checks that each module exists).
 _CONVERTERS = {
     "digits": ("digits", "", "", ""),
     "imagenetr": ("imagenet_r", "--src /path/to/imagenet-r ", "", ""),
@@ -53,8 +52,7 @@ def converter_hint(path: str, clues: Sequence[str] = ()) -> str:
     longest matching name wins (fashion_mnist over mnist)."""
     out = os.path.dirname(path) or "."
     for text in [os.path.basename(os.path.dirname(os.path.abspath(path))), *clues]:
-        found = [k for k in _CONVERTERS if k in _norm(text or "")
-                 and os.path.isfile(os.path.join(_REPO, "shards", _CONVERTERS[k][0] + ".py"))]
+        found = [k for k in _CONVERTERS if k in _norm(text or "")]
         if found:
             module, src, first, note = _CONVERTERS[max(found, key=len)]
             return f"rebuild it with `{first}python -m shards.{module} {src}--out {out}`{note}"

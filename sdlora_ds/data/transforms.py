@@ -240,8 +240,7 @@ def build_transform(cfg, train: bool):
     decode = getattr(cfg, "decode", "cpu")
     if decode == "reference":
         return _DecodeThen(build_reference_transform(cfg, train))
-    if decode == "cuda":  # the worker half of the GPU path: geometry + bytes (sdlora_ds/data/decode.py)
-        from sdlora_ds.data.decode import EncodeForDevice
+    if decode == "cuda":  # the worker half of the GPU path: geometry + bytes (decoded by sdlora_ds/data/decode.py)
         return EncodeForDevice(cfg, train)
     return FastTransform(cfg, train)
 
@@ -262,4 +261,45 @@ class _DecodeThen:
         return self.ref(src)
 
 
-__all__ = ["ToRGB", "Plan", "FastTransform", "build_transform", "build_reference_transform", "resized_size"]
+ENCODED_HEADER = 9  # int32 plan fields before the JPEG bytes
+
+
+class EncodeForDevice:
+    """Worker side: bytes -> 1-D uint8 (plan header + JPEG bytes), or float32 (3, S, S) for non-JPEG."""
+
+    def __init__(self, cfg, train: bool):
+        self.cpu = FastTransform(cfg, train)
+
+    def __call__(self, src) -> torch.Tensor:
+        from PIL import Image
+        if not isinstance(src, (bytes, bytearray, memoryview)):
+            return self.cpu(src)
+        data = bytes(src)
+        img = Image.open(io.BytesIO(data))  # header only
+        if img.format != "JPEG":
+            return self.cpu(img)
+        p = self.cpu.plan(*img.size)
+        head = torch.tensor([p.top, p.left, p.height, p.width, p.resize_h, p.resize_w, p.crop_top, p.crop_left,
+                             int(p.flip)], dtype=torch.int32).view(torch.uint8)
+        return torch.cat([head, torch.frombuffer(bytearray(data), dtype=torch.uint8)])
+
+    @staticmethod
+    def collate(items: list) -> dict:
+        return collate_encoded(items)
+
+
+def collate_encoded(items: list) -> dict:
+    """items: 1-D uint8 (encoded) or float (3, S, S) (finished) -> one dict of tensors for the batch."""
+    enc = [i for i, x in enumerate(items) if x.dtype == torch.uint8 and x.ndim == 1]
+    done = [i for i in range(len(items)) if i not in set(enc)]
+    lengths = torch.tensor([items[i].numel() for i in enc], dtype=torch.int64)
+    offsets = torch.zeros(len(enc) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    return {"size": torch.tensor(len(items)), "encoded_idx": torch.tensor(enc, dtype=torch.int64),
+            "encoded": torch.cat([items[i] for i in enc]) if enc else torch.zeros(0, dtype=torch.uint8),
+            "offsets": offsets, "done_idx": torch.tensor(done, dtype=torch.int64),
+            "done": torch.stack([items[i] for i in done]) if done else torch.zeros(0)}
+
+
+__all__ = ["ToRGB", "Plan", "FastTransform", "build_transform", "build_reference_transform", "resized_size",
+           "EncodeForDevice", "collate_encoded", "ENCODED_HEADER"]

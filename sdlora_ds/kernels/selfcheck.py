@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from . import stacked_lowrank as sl
+from . import reference as ref
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 TF32_TOLERANCE = 5e-3  # float32 when the reference's GEMMs run in TF32
@@ -152,7 +152,7 @@ def check(dtype: torch.dtype, device, weight_dtype: Optional[torch.dtype] = None
 def compare_case(case: Case, dtype, weight_dtype, device) -> dict:
     """{'<case>/<tensor>': max relative difference} for the forward and every gradient of the
     Function (both current-task modes), and for the two kernels alone."""
-    from . import triton_stacked as ts
+    from . import triton_stacked as ts  # lazy, as the op's dispatch: triton is imported on first use
     triton_fn = ts.function()
     w, bias, a_f, b_f, s_f, cur, x0, dy = _problem(case, dtype, weight_dtype, device)
     out = {}
@@ -160,13 +160,13 @@ def compare_case(case: Case, dtype, weight_dtype, device) -> dict:
         if unmerged and cur[0] is None:
             continue
         got = _run(triton_fn, x0, dy, w, bias, a_f, b_f, s_f, cur, unmerged)
-        want = _run(sl.StackedLowRankFunction, x0, dy, w, bias, a_f, b_f, s_f, cur, unmerged)
+        want = _run(ref.StackedLowRankFunction, x0, dy, w, bias, a_f, b_f, s_f, cur, unmerged)
         mode = "unmerged" if unmerged else "merged"
         for name in want:
             out[f"{case.name}/{mode}/{name}"] = _rel(got[name], want[name])
     # the kernels directly, whatever path the backward's cost model picks at this size
     out[f"{case.name}/merge_kernel"] = _rel(ts.merge(w, a_f, b_f, s_f, *cur, True, dtype),
-                                            sl._merge_torch(w, a_f, b_f, s_f, *cur, True, dtype))
+                                            ref._merge_torch(w, a_f, b_f, s_f, *cur, True, dtype))
     if case.r_f:
         xd, dyd = x0.to(dtype), dy.to(dtype)
         a, b = a_f.to(dtype).float(), b_f.to(dtype).float()

@@ -1,4 +1,5 @@
-"""Triton kernels for the stacked low-rank update (kernels, launchers and the autograd Function).
+"""Triton kernels for the stacked low-rank update (kernels, launchers and the autograd Function), above
+reference.py (whose shared forward/backward it runs) and below selfcheck.py.
 
 Two kernels replace the two places where the reference spends T-dependent work:
 - `_merge_kernel`: W + B diag(s) A for one (BLOCK_O x BLOCK_I) tile of the weight per program,
@@ -10,7 +11,7 @@ Two kernels replace the two places where the reference spends T-dependent work:
   and reduces over its rows. The (BN x R) projections never reach memory; each row block writes
   one partial row, summed afterwards (deterministic, no atomics).
 Everything else (the big GEMMs, the current task's dA/dB, the dense-gradient path when it is
-cheaper) is cuBLAS through PyTorch, shared with the reference in stacked_lowrank.py.
+cheaper) is cuBLAS through PyTorch, shared with the reference in reference.py.
 
 Block sizes. `tl.arange` needs powers of two. Compiled `tl.dot` on NVIDIA (Triton 3.8,
 backends/nvidia/compiler.py `min_dot_size`) needs K >= 8 for 32-bit operands (fp32/tf32), K >= 16
@@ -33,7 +34,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .stacked_lowrank import _backward, _forward
+from .reference import Operands, shared_backward, shared_forward
 
 try:  # keep the package importable where triton is missing or broken (CPU-only installs)
     import triton
@@ -175,7 +176,7 @@ def colsum_launch(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.T
 
 def merge(weight, a_f, b_f, s_f, a_c, b_c, m_c, include_cur: bool,
           out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Triton twin of stacked_lowrank._merge_torch: W + B diag(s) A, (d_out, d_in), accumulated
+    """Triton twin of reference._merge_torch: W + B diag(s) A, (d_out, d_in), accumulated
     in fp32 and stored once in out_dtype (no fp32 temporary for a bf16 forward)."""
     _require_triton(weight)
     k = merge_launch(weight, a_f, b_f, s_f, a_c, b_c, m_c, include_cur, out_dtype)
@@ -184,7 +185,7 @@ def merge(weight, a_f, b_f, s_f, a_c, b_c, m_c, include_cur: bool,
 
 
 def colsum(x: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Triton twin of stacked_lowrank._colsum_torch: (R,) fp32. x (BN, d_in), dy (BN, d_out)."""
+    """Triton twin of reference._colsum_torch: (R,) fp32. x (BN, d_in), dy (BN, d_out)."""
     _require_triton(x)
     k = colsum_launch(x, dy, a, b)
     k.kernel[k.grid](*k.args, **k.meta)
@@ -195,13 +196,14 @@ class TritonStackedLowRankFunction(torch.autograd.Function):
     """Same maths and saved tensors as StackedLowRankFunction; merge and ds run as Triton kernels."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a_f, b_f, s_f, a_c, b_c, m_c, unmerged_cur):
-        _require_triton(x)
-        return _forward(ctx, x, weight, bias, a_f, b_f, s_f, a_c, b_c, m_c, unmerged_cur, merge)
+    def forward(ctx, *operands):  # in Operands order
+        op = Operands(*operands)
+        _require_triton(op.x)
+        return shared_forward(ctx, op, merge)
 
     @staticmethod
     def backward(ctx, dy):
-        return _backward(ctx, dy, colsum)
+        return tuple(shared_backward(ctx, dy, colsum))
 
 
 def function():
