@@ -2,8 +2,9 @@
 
 Every field has a docstring (the string literal under it). Loading fails before any work when a
 key is unknown, a value has the wrong type, or a value is impossible; the error names the dotted
-field, the value and what is allowed. `load_config(path, overrides)` is the one entry point; the
-resolved config is written into the run folder with `dump_config`.
+field, the value and what is allowed. `load_config(path, overrides)` is the one entry point;
+`config_to_dict` gives the resolved config (every field, defaults included), which the trainer
+writes into the run folder (trainer_state.config_record).
 """
 from __future__ import annotations
 
@@ -539,11 +540,3 @@ def load_config(path: str, overrides: Optional[list] = None) -> RunConfig:
 
 def config_to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def dump_config(cfg: RunConfig, path: str) -> None:
-    """Write the resolved config (every field, defaults included) as JSON, atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(config_to_dict(cfg), f, indent=2)
-    os.replace(tmp, path)

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from .config import DataConfig, RunConfig, load_config
+from .fileio import atomic_write
 from .trainer_state import backbone_fingerprint, fingerprint_matches
 
 FINAL_MODEL = "final_model.pt"
@@ -46,9 +47,7 @@ def save_final_model(path: str, model, cfg: RunConfig, class_order: list, class_
                "backbone_fingerprint": None if full else (fingerprint or backbone_fingerprint(model)),
                "class_order": list(class_order), "class_names": [class_names[c] for c in class_order]}
     payload["state"] = {k: v.detach().cpu() for k, v in payload["state"].items()}
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def training_dir(run_dir: str, cfg: RunConfig) -> Optional[str]:

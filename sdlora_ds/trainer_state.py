@@ -40,7 +40,7 @@ import torch
 from .checkpoint import CheckpointError, checkpoint_name, rank_file, read_manifest, write_json, write_torch
 from .config import config_to_dict
 from .distributed import gathered, is_partitioned, plain_construction
-from .fileio import tensor_sha256
+from .fileio import atomic_write_json, tensor_sha256
 from .logger import flatten
 
 # Config fields a resumed run may change: where things are and how often to log or save; nothing
@@ -204,9 +204,7 @@ def set_rng_state(s: dict) -> None:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_json(path, obj, indent=1)
 
 
 # ---------------------------------------------------------------------- saving

@@ -40,6 +40,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+from sdlora_ds import fileio
 from sdlora_ds.fileio import sha256_file  # noqa: F401  (re-exported for the converters)
 
 FORMAT = "sdlora-ds-shards/1"
@@ -79,16 +80,11 @@ def sanitize_key(text: str) -> str:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fileio.atomic_write_bytes(path, data, fsync=True)
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+    fileio.atomic_write_json(path, obj, indent=1, newline=True)  # fsync'd as the shards: read by other machines
 
 
 def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:

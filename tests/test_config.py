@@ -5,7 +5,8 @@ import os
 import pytest
 
 from conftest import ROOT, tiny_config_dict
-from sdlora_ds.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
+from sdlora_ds.config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config
+from sdlora_ds.fileio import atomic_write_json
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.json")))
 
@@ -88,7 +89,7 @@ def test_overrides_and_dump_roundtrip(tmp_path):
     cfg = load_config(str(src), ["optim.lr=0.001", "adapter.rank_schedule=[[0,4],[2,2]]", "name=x"])
     assert cfg.optim.lr == 0.001 and cfg.name == "x"
     assert [cfg.adapter.rank_of(t) for t in range(4)] == [4, 4, 2, 2]
-    dump_config(cfg, str(tmp_path / "resolved.json"))
+    atomic_write_json(str(tmp_path / "resolved.json"), config_to_dict(cfg))
     again = load_config(str(tmp_path / "resolved.json"))
     assert again == cfg
     with pytest.raises(ConfigError, match="optim.lrr"):

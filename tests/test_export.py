@@ -165,7 +165,8 @@ def test_dinov2_merged_and_exported_logits_equal_the_unmerged_forward(arch, tmp_
     interpolated in training, merged evaluation and the export alike."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
     from conftest import tiny_config_dict
-    from sdlora_ds.config import dump_config
+    from sdlora_ds.config import config_to_dict
+    from sdlora_ds.fileio import atomic_write_json
     from sdlora_ds.export import FINAL_MODEL, export_model, export_run, load_final_model, save_final_model
     from sdlora_ds.model import SDLoRAModel
     from sdlora_ds.model.backbone import build_backbone
@@ -206,7 +207,7 @@ def test_dinov2_merged_and_exported_logits_equal_the_unmerged_forward(arch, tmp_
     # the run's final-model file round-trips and exports the same model
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    dump_config(cfg, str(run_dir / "config.json"))
+    atomic_write_json(str(run_dir / "config.json"), config_to_dict(cfg))
     order = [3, 1, 4, 0, 5, 9, 2, 6, 8, 7]
     save_final_model(str(run_dir / FINAL_MODEL), model, cfg, order, names)
     again, _, payload = load_final_model(str(run_dir))
@@ -223,7 +224,8 @@ def test_dinov2_merged_and_exported_logits_equal_the_unmerged_forward(arch, tmp_
 def test_config_built_dinov2_round_trips_through_the_final_model_file(tmp_path):
     """source='config' (random init): the backbone weights travel in the file (full_state)."""
     from conftest import tiny_config_dict
-    from sdlora_ds.config import dump_config
+    from sdlora_ds.config import config_to_dict
+    from sdlora_ds.fileio import atomic_write_json
     from sdlora_ds.export import FINAL_MODEL, export_run, load_final_model, save_final_model
     from sdlora_ds.model import SDLoRAModel
     raw = tiny_config_dict(backbone={"arch": "dinov2_with_registers", "num_register_tokens": 2, **DINO},
@@ -231,7 +233,7 @@ def test_config_built_dinov2_round_trips_through_the_final_model_file(tmp_path):
     cfg = config_from_dict(raw)
     torch.manual_seed(5)
     model = trained_like(SDLoRAModel(cfg))
-    dump_config(cfg, str(tmp_path / "config.json"))
+    atomic_write_json(str(tmp_path / "config.json"), config_to_dict(cfg))
     save_final_model(str(tmp_path / FINAL_MODEL), model, cfg, list(range(10)), [str(c) for c in range(10)])
     again, _, payload = load_final_model(str(tmp_path))
     assert payload["full_state"]

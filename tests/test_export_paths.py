@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, tiny_config_dict
-from sdlora_ds.config import BackboneConfig, config_from_dict, dump_config
+from sdlora_ds.config import BackboneConfig, config_from_dict, config_to_dict
+from sdlora_ds.fileio import atomic_write_json
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def run(tmp_path, monkeypatch):
     model = SDLoRAModel(cfg)
     model.start_task(0, 2)
     os.makedirs(cfg.run_dir)
-    dump_config(cfg, os.path.join(cfg.run_dir, "config.json"))
+    atomic_write_json(os.path.join(cfg.run_dir, "config.json"), config_to_dict(cfg))
     save_final_model(os.path.join(cfg.run_dir, FINAL_MODEL), model.eval(), cfg, list(range(10)),
                      [str(c) for c in range(10)])
     elsewhere = tmp_path / "elsewhere"

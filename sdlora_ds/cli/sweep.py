@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 
 from sdlora_ds.config import apply_override, config_to_dict, load_config
+from sdlora_ds.fileio import atomic_write_json
 from sdlora_ds.logger import flatten
 
 LAUNCH = "launch"  # the repository's launch/ folder, relative to the current folder unless given
@@ -127,10 +128,7 @@ def command(job: Job, launcher: list[str], train: str = TRAIN) -> list[str]:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)  # a sweep killed mid-write leaves the previous complete record
+    atomic_write_json(path, obj, indent=1)  # a sweep killed mid-write leaves the previous complete record
 
 
 def _clock(s: float) -> str:

