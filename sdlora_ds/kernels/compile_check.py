@@ -14,7 +14,7 @@ and `CompiledKernel.n_regs` / `n_spills` are filled only on a device. So this mo
   and spill bytes from ptxas's verbose log, shared memory from `metadata.shared`;
 - judges it: a compile error, any spill, or shared memory above the per-block opt-in limit fails.
 
-The shapes mirror what the forward/backward send to the kernels (stacked_lowrank._forward/_backward):
+The shapes mirror what the forward/backward send to the kernels (reference.shared_forward/shared_backward):
 compute dtype fp32 merges the current task's r columns into the stack, bf16/fp16 keep it out
 (safe_bf16) so task 0 launches the merge with R = 0; colsum runs only for frozen columns (T > 1) and
 only when the projections are cheaper than the dense gradient (`launched` says so; compiled anyway).
@@ -118,7 +118,7 @@ def vit_cases(models: Optional[dict] = None, tasks: Iterable[int] = TASKS, dtype
     """Every kernel launch of one adapted q/v projection (d x d) for each model, T and dtype pair,
     built by the launchers themselves on meta tensors."""
     from . import triton_stacked as ts
-    from .stacked_lowrank import _LOW_PRECISION, _dense_is_cheaper
+    from .reference import _LOW_PRECISION, _dense_is_cheaper
     meta = dict(device="meta")
     cases = []
     for model, (d, tokens) in (models or MODELS).items():
