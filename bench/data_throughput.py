@@ -47,13 +47,11 @@ import warnings
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from timing import STATS, add_timing_args, device_name, setup_timing  # noqa: E402
-from sdlora_ds.config import DataConfig  # noqa: E402
-from sdlora_ds.data import ShardIndex, build_loader  # noqa: E402
-from sdlora_ds.data.transforms import build_reference_transform  # noqa: E402
-from shards.imagefolder import convert_folder  # noqa: E402
+from timing import STATS, add_timing_args, device_name, setup_timing
+from sdlora_ds.config import DataConfig
+from sdlora_ds.data import ShardIndex, build_loader
+from sdlora_ds.data.transforms import build_reference_transform
+from shards.imagefolder import convert_folder
 
 
 def make_jpegs(root: str, n: int, classes: int, sides: tuple[int, int], noise: int = 12,

@@ -51,10 +51,8 @@ import tempfile
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/: gpu_parts, gpu_check_report
-
-from gpu_check_report import markdown, result_of, save_report, summary_line, targets  # noqa: E402,F401
-from gpu_parts.common import BENCH, ROOT, Skip, run_cmd, sizes  # noqa: E402,F401
+from gpu_check_report import markdown, result_of, save_report, summary_line, targets  # noqa: F401
+from gpu_parts.common import BENCH, ROOT, Skip, run_cmd, sizes  # noqa: F401
 
 TOTAL_BUDGET_S = 450  # 7.5 min: the device call's 8-minute target with margin for start-up and copying
 REQUIRED = ["torch", "torchvision", "transformers", "accelerate", "webdataset", "safetensors", "numpy", "PIL",
@@ -84,8 +82,6 @@ NEEDS_SHARDS = {"e2e_train", "data_shards"}
 
 def child_main(a) -> int:
     """Run one part; write {'status', 'result'|'error', 'traceback'} to a.result."""
-    sys.path.insert(0, ROOT)
-    sys.path.insert(0, BENCH)
     ctx = {"smoke": a.cpu_smoke, "device": "cpu" if a.cpu_smoke else "cuda", "work": a.work,
            "sizes": sizes(a.cpu_smoke), "timeout": a.timeout}
     rec = {}

@@ -1,9 +1,11 @@
 """gpu_check's report: the targets judged from the figures, gpu_check.json, gpu_check.md and the
-last line (standard library only). Every reader tolerates a part without a result."""
+last line (standard library and sdlora_ds.fileio only). Every reader tolerates a part without a result."""
 from __future__ import annotations
 
 import json
 import os
+
+from sdlora_ds.fileio import atomic_write_bytes
 
 
 def result_of(report: dict, name: str) -> dict:
@@ -20,10 +22,7 @@ def save_report(report: dict, out: str) -> None:
     except Exception as exc:  # noqa: BLE001 - recorded; the raw parts are still written
         report["targets"] = [{"target": "(could not be evaluated)", "goal": "", "measured": None, "met": None,
                               "note": f"{type(exc).__name__}: {exc}"}]
-    tmp = os.path.join(out, "gpu_check.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(tmp, os.path.join(out, "gpu_check.json"))
+    atomic_write_bytes(os.path.join(out, "gpu_check.json"), json.dumps(report, indent=1, default=str).encode())
     with open(os.path.join(out, "gpu_check.md"), "w") as f:
         f.write("\n".join(markdown(report)) + "\n")
 

@@ -126,7 +126,7 @@ def test_the_package_imports_nothing_from_launch_or_bench():
 def test_every_converter_the_index_hints_at_exists():
     """data/index.py names converters from a table (it does not look for shards/ on disk)."""
     from sdlora_ds.data.index import _CONVERTERS
-    for module, _ in _CONVERTERS.values():
+    for module, *_ in _CONVERTERS.values():
         assert os.path.isfile(os.path.join(ROOT, "shards", module + ".py")), module
 
 
