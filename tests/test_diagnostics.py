@@ -156,10 +156,7 @@ def test_a_run_records_boundaries(digits_index, tmp_path):
 
 
 def test_diagnose_prints_a_runs_boundaries(tmp_path, capsys):
-    import sys
-    from conftest import ROOT
-    sys.path.insert(0, os.path.join(ROOT, "launch"))
-    import diagnose
+    from sdlora_ds.cli import diagnose
     rec = BoundaryRecorder()
     rec.task_end(0, torch.ones(2, 3))
     rec.task_start(1, torch.ones(2, 3) * 1.5)

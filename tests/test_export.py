@@ -256,7 +256,7 @@ def test_config_built_dinov2_round_trips_through_the_final_model_file(tmp_path):
 
 def test_export_out_in_the_way_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     """--out naming a file, or a folder below a file: one line, exit 2, before the run is loaded."""
-    import export as export_cli
+    from sdlora_ds.cli import export as export_cli
     import sdlora_ds.export as E
 
     def no_work(*a, **k):

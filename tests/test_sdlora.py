@@ -51,6 +51,7 @@ def test_projection_equals_per_task_formula(ranks, zero_task, norm):
     with layer.merged():
         torch.testing.assert_close(layer(x), want, **tol)
     torch.testing.assert_close(x @ (base.weight + layer.delta_weight()).T + base.bias, want, **tol)
+    torch.testing.assert_close(layer.merged_weight(), base.weight + layer.delta_weight(), rtol=0, atol=1e-6)
 
 
 def test_zero_direction_has_zero_inverse_norm_and_no_nan():
@@ -104,3 +105,25 @@ def test_reshape_for_roundtrips_state():
     other.load_state_dict(sd)
     assert other.frozen_ranks.tolist() == [3] and other.col_task.tolist() == [0, 0, 0]
     torch.testing.assert_close(other.b_cur, layer.b_cur)
+
+
+def test_lora_update_terms_feed_forward_merge_and_delta():
+    """LoRALinear (sequential LoRA): forward, merged forward, merged_weight and delta_weight all equal
+    W x + b + s B A x."""
+    from sdlora_ds.model.baselines import LoRALinear
+    torch.manual_seed(1)
+    base = nn.Linear(9, 7)
+    layer = LoRALinear(base, scaling=0.5)
+    assert torch.equal(layer.delta_weight(), torch.zeros(7, 9))  # no LoRA yet: no update
+    layer.init_factors(3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randn(2, 5, 9)
+    delta = 0.5 * layer.lora_b.detach() @ layer.lora_a.detach()
+    want = x @ (base.weight + delta).T + base.bias
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.delta_weight(), delta, **tol)
+    torch.testing.assert_close(layer(x), want, **tol)
+    with layer.merged():
+        torch.testing.assert_close(layer(x), want, **tol)
+    torch.testing.assert_close(layer.merged_weight(), base.weight + layer.delta_weight(), rtol=0, atol=1e-6)

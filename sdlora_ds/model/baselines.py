@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import RunConfig
-from ..kernels import merge_weight, stacked_lowrank_linear
+from ..kernels import stacked_lowrank_linear
 from .base import IncrementalViT
 from .sdlora import MergeableLinear
 
@@ -61,18 +61,17 @@ class LoRALinear(MergeableLinear):
             self.lora_a = nn.Parameter(self.weight.new_zeros(rank, self.in_features))
             self.lora_b = nn.Parameter(self.weight.new_zeros(self.out_features, rank))
 
-    def merged_weight(self) -> torch.Tensor:
-        """W + s B A, (d_out, d_in) (feeds merged evaluation and export)."""
-        return merge_weight(self.weight, self._no_a, self._no_b, self._no_s, self.lora_a, self.lora_b,
-                            None if self.lora_a is None else self.scaling)
+    def update_terms(self) -> tuple:
+        """s B A as the shared op's terms: no frozen columns, the LoRA as the current task's."""
+        return (self._no_a, self._no_b, self._no_s, self.lora_a, self.lora_b,
+                None if self.lora_a is None else self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
         if self._merged is not None:
             return nn.functional.linear(x, self._merged.to(x.dtype), self.bias)
         if self.lora_a is None:
             return nn.functional.linear(x, self.weight, self.bias)
-        return stacked_lowrank_linear(x, self.weight, self.bias, self._no_a, self._no_b, self._no_s,
-                                      self.lora_a, self.lora_b, self.scaling, impl=self.impl)
+        return stacked_lowrank_linear(x, self.weight, self.bias, *self.update_terms(), impl=self.impl)
 
     def extra_repr(self) -> str:
         rank = None if self.lora_a is None else self.lora_a.shape[0]

@@ -65,7 +65,12 @@ class Magnitudes(nn.Module):
 class MergeableLinear(nn.Module):
     """Wraps a frozen nn.Linear (same `weight`/`bias` Parameters, so backbone keys stay loadable) and
     can fold its update into the weight once for evaluation.
-    Subclasses define merged_weight(); while `merged()` is active, forward is a plain linear."""
+
+    Subclasses define `update_terms()`, the one source of the update (PEFT's get_delta_weight
+    role): the stacked factors and their scales, which forward, `delta_weight` (B diag(s) A alone)
+    and `merged_weight` (W + B diag(s) A, feeding merged evaluation and export) all take. The merge
+    adds the update to W inside one fp32 accumulation rather than as W + delta_weight(), so the
+    merged weight is rounded once. While `merged()` is active, forward is a plain linear."""
 
     _merged: Optional[torch.Tensor] = None
 
@@ -77,8 +82,18 @@ class MergeableLinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
 
-    def merged_weight(self) -> torch.Tensor:
+    def update_terms(self) -> tuple:
+        """(a_frozen (R_f, d_in), b_frozen (d_out, R_f), s_frozen (R_f,), a_cur (r, d_in) or None,
+        b_cur (d_out, r) or None, m_cur 0-dim or None): the update is B_f diag(s_f) A_f + m_cur B_c A_c."""
         raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """The whole update as a dense (d_out, d_in) matrix, without W."""
+        return merge_weight(torch.zeros_like(self.weight), *self.update_terms())
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + the update, (d_out, d_in), accumulated in fp32 and rounded once."""
+        return merge_weight(self.weight, *self.update_terms())
 
     @contextmanager
     def merged(self):
@@ -199,22 +214,14 @@ class SDLoRALinear(MergeableLinear):
         m_cur = mk[t] if self.a_cur is not None else None
         return s_frozen, m_cur
 
-    def delta_weight(self) -> torch.Tensor:
-        """The whole SD-LoRA update as a dense (d_out, d_in) matrix (feeds merge and export)."""
+    def update_terms(self) -> tuple:
         s_frozen, m_cur = self._scales()
-        return merge_weight(torch.zeros_like(self.weight), self.a_frozen, self.b_frozen, s_frozen,
-                            self.a_cur, self.b_cur, m_cur)
-
-    def merged_weight(self) -> torch.Tensor:
-        s_frozen, m_cur = self._scales()
-        return merge_weight(self.weight, self.a_frozen, self.b_frozen, s_frozen, self.a_cur, self.b_cur, m_cur)
+        return self.a_frozen, self.b_frozen, s_frozen, self.a_cur, self.b_cur, m_cur
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, d_in)
         if self._merged is not None:
             return nn.functional.linear(x, self._merged.to(x.dtype), self.bias)
-        s_frozen, m_cur = self._scales()
-        return stacked_lowrank_linear(x, self.weight, self.bias, self.a_frozen, self.b_frozen, s_frozen,
-                                      self.a_cur, self.b_cur, m_cur, impl=self.impl)
+        return stacked_lowrank_linear(x, self.weight, self.bias, *self.update_terms(), impl=self.impl)
 
     def extra_repr(self) -> str:
         cur = None if self.a_cur is None else self.a_cur.shape[0]
