@@ -7,7 +7,7 @@
   thread count changes the order of float reductions, so a count that followed the machine's load
   gave other numbers on a busy machine, and a resumed run continued with other rounding. The count
   is recorded in results.json and every checkpoint, and a resume goes back to it
-  (trainer_state.resume_threads). torch's default (every core in every process) oversubscribes
+  (resume.resume_threads). torch's default (every core in every process) oversubscribes
   the CPU as soon as two processes share a machine.
 - `deepspeed_build_note`: DeepSpeed on CPU compiles a C++ extension (its shared-memory
   communication op) the first time it starts, silently, for minutes; say so before it starts.
@@ -93,7 +93,7 @@ def cpu_threads(local_processes: int = 1, environ: Optional[dict] = None) -> tup
 
 THREADS_SOURCE_ENV = "SDLORA_THREADS_SOURCE"
 """Set to 'auto' beside the OMP_NUM_THREADS that run.py chooses itself (cpu_threads), so that a worker
-can tell that count from one a user forced (sdlora_ds/trainer_state.threads_source reads it)."""
+can tell that count from one a user forced (sdlora_ds/resume.threads_source reads it)."""
 
 
 def set_cpu_threads(local_processes: int = 1) -> int:

@@ -27,7 +27,7 @@ import torch
 
 from .config import DataConfig, RunConfig, load_config
 from .fileio import atomic_write
-from .trainer_state import backbone_fingerprint, fingerprint_matches
+from .resume import backbone_fingerprint, fingerprint_matches
 
 FINAL_MODEL = "final_model.pt"
 FORMAT = "sdlora-ds-final/1"

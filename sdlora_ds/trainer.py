@@ -5,11 +5,11 @@
     train_epoch -> train_step (one optimizer step) -> forward_backward (one micro-batch)
 
 Every rank runs the same loop with the same decisions (class order, schedule, batch plan) derived
-from the config; only rank 0 prints, logs and writes results. Where the run stands is `position`
-= (task, epoch, optimizer step within the epoch) of the next step to take: that, with the model,
-the optimizer/engine, the RNG states and the metrics so far, is what a checkpoint holds
-(`state_dict` here; trainer_state.py writes and reads it with the rest), so a resumed run takes exactly the steps the
-uninterrupted one would have taken.
+from the config; only rank 0 prints, logs and writes results. Where the run stands is `self.state`
+(train_state.TrainState: position = (task, epoch, optimizer step within the epoch) of the next step,
+global step, metrics, launch segments): that, with the model, the optimizer/engine, the RNG states
+and `extra_state()`, is what a checkpoint holds (resume.py writes and reads it), so a resumed run
+takes exactly the steps the uninterrupted one would have taken.
 
 Around the loop: global rank 0 holds the run folder's lock (runlock.py) from before the checkpoint
 is chosen until the run ends; under a launcher every rank stops if the launcher dies (ParentWatch);
@@ -30,19 +30,19 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .checkpoint import Checkpoints
 from .cil import TaskSchedule
-from .config import RunConfig
+from .config import RunConfig, config_to_dict
 from .data import ShardIndex, build_loader
 from .diagnostics import BoundaryRecorder
 from .distributed import (ParentWatch, PeerMonitor, configure_deepspeed_batch, gathered, held_elements,
-                          make_accelerator, merged_eval, sum_across_ranks, under_launcher, uses_deepspeed,
-                          zero_stage)
+                          lock_run_folder, make_accelerator, merged_eval, plain_construction, sum_across_ranks,
+                          under_launcher, uses_deepspeed, zero_stage)
 from .export import FINAL_MODEL, save_final_model
 from .kernels import selfcheck
 from .logger import MetricLogger, flatten
 from .model import build_model
-from .distributed import lock_run_folder
 from .runlock import RunLock
-from . import trainer_state as S
+from . import resume as S
+from .train_state import RunShape, TrainState
 
 
 class Trainer:
@@ -88,18 +88,10 @@ class Trainer:
         self.fingerprint = S.backbone_fingerprint(self.model)
         self.lut = self.schedule.position_lookup(cfg.cil.num_classes)  # class id -> head row
         self.task_of_pos = self.schedule.task_of_position()
-        self.global_step = 0
-        self.position = (0, 0, 0)  # (task, epoch, step in epoch) of the next optimizer step
-        self.acc_matrix: list = []  # acc[t][j], percent
-        self.acc_all: list = []
-        self.loss_log: list = []  # (global step, loss) of every optimizer step
-        self.task_times: list = []
-        self.task_elapsed = 0.0  # seconds spent in the current task before a resume
+        self.state = TrainState()  # where the run stands: position, global step, metrics, launch segments
         self.engine = self.optimizer = None
         self.pending_engine_state: Optional[str] = None  # mid-task resume: checkpoint to load after prepare
-        self.topologies: list = []  # one S.topology() per launch segment of the run
         self.boundaries = BoundaryRecorder()  # task-boundary diagnostics (diagnostics.py)
-        self.magnitude_log: list = []  # (global step, [m + k per task]) every train.log_every steps (SD-LoRA)
         self._probe_images: Optional[torch.Tensor] = None
         self.ckpt = Checkpoints(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints, self.acc)
 
@@ -114,10 +106,10 @@ class Trainer:
         path, notes = self.ckpt.resolve(resume, fresh_if_damaged)
         for note in notes:
             self.print(note)
-        log_resume = S.load_checkpoint(self, path) if path else None
+        log_resume = self.load_checkpoint(path) if path else None
         self.resumed_from = path
-        if self.position[0] < self.cfg.cil.num_tasks:  # a finished run re-run trains nothing: no new segment
-            self.topologies.append(S.topology(self))
+        if self.state.task < self.cfg.cil.num_tasks:  # a finished run re-run trains nothing: no new segment
+            self.state.begin_segment(self.shape())
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             S.write_json_atomic(os.path.join(self.run_dir, "config.json"), S.config_record(self.cfg, self.backbone))
@@ -139,42 +131,49 @@ class Trainer:
         if self.parent_watch is not None:
             self.parent_watch.stop()
 
-    def fresh_model(self):
-        """Another copy of the model as built in __init__ (a 'config' backbone is seeded the same);
-        the caller's RNG is left alone."""
-        with torch.random.fork_rng(devices=[]):
+    def plain_copy(self):
+        """Another copy of the model as built in __init__ (a 'config' backbone is seeded the same),
+        built outside ZeRO-3's partitioning; the caller's RNG is left alone."""
+        with torch.random.fork_rng(devices=[]), plain_construction(self.acc):
             torch.manual_seed(self.cfg.seed)
             return build_model(self.cfg)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """Everything of the loop a checkpoint needs (JSON-able); the model and optimizer are saved
-        beside it (trainer_state.save_checkpoint)."""
-        task, epoch, step = self.position
-        return {"position": {"task": task, "epoch": epoch, "step": step}, "global_step": self.global_step,
-                "acc_matrix": self.acc_matrix, "acc_all": self.acc_all, "loss_log": self.loss_log,
-                "task_times": self.task_times, "task_elapsed": self.task_elapsed, "events": self.model.events,
-                "class_order": self.schedule.order, "world_size": self.world, "micro_batch": self.micro,
-                "grad_accum": self.accum, "global_batch": self.cfg.optim.global_batch,
-                "mixed_precision": str(self.acc.mixed_precision), "zero_stage": self.stage,
-                "topologies": self.topologies, "log_position": self.log.position(),
-                "boundaries": self.boundaries.state_dict(), "magnitude_log": self.magnitude_log}
+    def shape(self) -> RunShape:
+        """How this launch runs the loop (threads: the count in force now)."""
+        return RunShape.of_launch(self.acc, self.micro, self.accum, self.deepspeed, self.stage)
 
-    def load_state_dict(self, sd: dict) -> None:
-        p = sd["position"]
-        self.position = (p["task"], p["epoch"], p["step"])
-        self.global_step = sd["global_step"]
-        self.acc_matrix, self.acc_all = sd["acc_matrix"], sd["acc_all"]
-        self.loss_log = [tuple(x) for x in sd["loss_log"]]
-        self.task_times, self.task_elapsed = sd["task_times"], sd["task_elapsed"]
-        self.model.events = sd["events"]
-        self.boundaries.load_state_dict(sd.get("boundaries", {}))
-        self.magnitude_log = [tuple(x) for x in sd.get("magnitude_log", [])]
-        # the segments before this launch (checkpoints from before the history: their one topology)
-        self.topologies = sd.get("topologies") or [
-            {"from_global_step": 0, "from_position": [0, 0, 0], "world_size": sd["world_size"],
-             "micro_batch": sd["micro_batch"], "grad_accum": sd["grad_accum"], "deepspeed": sd["zero_stage"] is not None,
-             "zero_stage": sd["zero_stage"], "mixed_precision": sd["mixed_precision"]}]
+    def extra_state(self) -> dict:
+        """The loop's state beyond TrainState, for trainer.json (JSON-able)."""
+        return {"events": self.model.events, "class_order": self.schedule.order,
+                "global_batch": self.cfg.optim.global_batch, "log_position": self.log.position(),
+                "boundaries": self.boundaries.state_dict()}
+
+    def save_checkpoint(self, task_end: Optional[int] = None) -> str:
+        """Checkpoint where the run stands (every rank). task_end=t: after task t's evaluation, engine
+        dropped; None: mid-task, after an optimizer step, with the optimizer's state."""
+        payload = S.model_payload(self.model, self.fingerprint)  # collective under ZeRO-3
+        self.log.flush()  # TensorBoard events up to this step are on disk before the checkpoint exists
+        optimizer = None
+        if task_end is None:
+            optimizer = S.OptimizerState(self.optimizer, engine=self.engine if self.deepspeed else None,
+                                         scaler=self.acc.scaler)
+        path = S.save_checkpoint(self.ckpt, self.state, self.extra_state(), config_to_dict(self.cfg), payload,
+                                 optimizer, task_end)
+        self.print(f"checkpoint {path}")
+        return path
+
+    def load_checkpoint(self, path: str) -> dict:
+        """Put the freshly built trainer back where checkpoint `path` was taken; returns the logs'
+        position there. A mid-task checkpoint's optimizer state waits for build_engine."""
+        r = S.load_checkpoint(path, self.ckpt, self.state, self.model, self.fingerprint, config_to_dict(self.cfg),
+                              self.schedule.order, self.shape(), self.rank)
+        self.model.events = r.extra["events"]
+        self.boundaries.load_state_dict(r.extra.get("boundaries", {}))
+        self.pending_engine_state = r.engine_state
+        for line in r.notes:
+            self.print(line)
+        return r.log_position
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
@@ -185,8 +184,8 @@ class Trainer:
                        f" | mixed precision {self.acc.mixed_precision}")
             self.print(f"class order: {self.schedule.order}")
             if self.resumed_from:
-                self.print(S.resume_line(self.resumed_from, self.position, self.global_step, self.cfg))
-            for t in range(self.position[0], self.cfg.cil.num_tasks):
+                self.print(S.resume_line(self.resumed_from, self.state.position, self.state.global_step, self.cfg))
+            for t in range(self.state.task, self.cfg.cil.num_tasks):
                 self.train_task(t)
             results = self.finish()
             if self.monitor is not None:
@@ -200,11 +199,11 @@ class Trainer:
         return results
 
     def train_task(self, t: int) -> None:
-        start = time.time() - self.task_elapsed
+        start = time.time() - self.state.task_elapsed
         if self.model.task < t:  # not when resuming mid-task: the checkpoint's model is already at task t
             self.before_task(t)
         self.build_engine(t)
-        _, first_epoch, first_step = self.position  # (t, 0, 0) unless resuming mid-task
+        _, first_epoch, first_step = self.state.position  # (t, 0, 0) unless resuming mid-task
         if (first_epoch, first_step) == (0, 0):  # the boundary alone: task t's direction is still zero
             self.log_boundary(t, self.boundaries.task_start(t, self.probe_features()), "feature_change_at_boundary")
         if not self.model.trains:  # NCM: class means of the frozen features, no optimizer
@@ -214,9 +213,8 @@ class Trainer:
         self.evaluate(t)
         self.log_boundary(t, self.boundaries.task_end(t, self.probe_features()), "feature_change_after_next_task")
         self.after_task(t)
-        self.task_times.append(time.time() - start)
-        self.position, self.task_elapsed = (t + 1, 0, 0), 0.0
-        S.save_checkpoint(self, task_end=t)
+        self.state.task_done(t, time.time() - start)
+        self.save_checkpoint(task_end=t)
 
     def before_task(self, t: int) -> None:
         """Grow the model for task t. start_task reads the previous task's trainable tensors (factors
@@ -251,7 +249,8 @@ class Trainer:
             held, total, parts = held_elements(self.model)
             self.print(f"ZeRO-3: rank 0 stores {held:,} of {total:,} parameter elements ({parts} partitioned tensors)")
         if self.pending_engine_state is not None:
-            S.load_engine_state(self, self.pending_engine_state)
+            S.OptimizerState(self.optimizer, engine=self.engine if self.deepspeed else None,
+                             scaler=self.acc.scaler).load(self.pending_engine_state)
             self.pending_engine_state = None
 
     def train_epoch(self, t: int, epoch: int, first_step: int = 0, start: float = 0.0) -> None:
@@ -269,17 +268,17 @@ class Trainer:
         for step in range(first_step, n_steps):
             group = [next(it) for _ in range(min(self.accum, n_micro - step * self.accum))]
             loss = self.train_step(t, group)
-            self.position = (t, epoch, step + 1)
-            if self.is_main and self.global_step % self.cfg.train.log_every == 0:
-                bar.write(f"step {self.global_step} | task {t} epoch {epoch + 1}/{self.cfg.optim.epochs} | "
+            self.state.position = (t, epoch, step + 1)
+            if self.is_main and self.state.global_step % self.cfg.train.log_every == 0:
+                bar.write(f"step {self.state.global_step} | task {t} epoch {epoch + 1}/{self.cfg.optim.epochs} | "
                           f"loss {loss:.4f}")
-            if every and self.global_step % every == 0:
-                self.task_elapsed = time.time() - start
-                S.save_checkpoint(self)
+            if every and self.state.global_step % every == 0:
+                self.state.task_elapsed = time.time() - start
+                self.save_checkpoint()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
         bar.close()
-        self.position = (t, epoch + 1, 0)
+        self.state.position = (t, epoch + 1, 0)
         del it, loader
 
     def train_step(self, t: int, micro_batches: list) -> float:
@@ -300,18 +299,18 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         # Mean over all ranks for the log (every rank computes it: same number everywhere).
         loss = float(sum_across_ranks(self.acc, total.float())) / (n_local * self.world)
-        self.global_step += 1
-        self.loss_log.append((self.global_step, loss))
-        self.log.scalar("train/loss", loss, self.global_step)
-        self.log.scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.global_step)
-        self.log.scalar("train/task", t, self.global_step)
-        logged = self.global_step % self.cfg.train.log_every == 0 or self.global_step == 1
+        self.state.step_done(loss)
+        step = self.state.global_step
+        self.log.scalar("train/loss", loss, step)
+        self.log.scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
+        self.log.scalar("train/task", t, step)
+        logged = step % self.cfg.train.log_every == 0 or step == 1
         mags = getattr(self.model, "magnitudes", None) if logged else None  # self.model: the module the engine wraps
         if mags is not None:
             values = [float(v) for v in mags().detach().float().cpu()]  # (m + k) per task so far
-            self.magnitude_log.append((self.global_step, values))
+            self.state.magnitude_log.append((step, values))
             for j, v in enumerate(values):
-                self.log.scalar(f"magnitude/task_{j}", v, self.global_step)
+                self.log.scalar(f"magnitude/task_{j}", v, step)
         return loss
 
     def forward_backward(self, images, labels, known: int, n_local: int, sync: bool) -> torch.Tensor:
@@ -439,13 +438,14 @@ class Trainer:
         elif int(count.sum()) < expected:
             self.print(f"warning: {expected - int(count.sum())} bad test sample(s) skipped in this evaluation")
         row = (100.0 * correct.double() / count.clamp_min(1).double()).tolist()
-        self.acc_matrix.append(row)
-        self.acc_all.append(100.0 * float(correct.sum()) / float(count.sum()))
-        self.log.scalar("eval/acc_all_seen", self.acc_all[-1], t)
+        st = self.state
+        st.acc_matrix.append(row)
+        st.acc_all.append(100.0 * float(correct.sum()) / float(count.sum()))
+        self.log.scalar("eval/acc_all_seen", st.acc_all[-1], t)
         for j, v in enumerate(row):
             self.log.scalar(f"eval/acc_task_{j}", v, t)
-        self.log.acc_matrix(self.acc_matrix, self.acc_all, t)
-        self.print(f"after task {t}: accuracy on all {self.schedule.end(t)} seen classes {self.acc_all[-1]:.2f}% | "
+        self.log.acc_matrix(st.acc_matrix, st.acc_all, t)
+        self.print(f"after task {t}: accuracy on all {self.schedule.end(t)} seen classes {st.acc_all[-1]:.2f}% | "
                    f"per task {[round(v, 2) for v in row]}")
 
     def loader(self, t: int, train: bool, epoch: int = 0, start_batch: int = 0):
@@ -458,28 +458,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ end of run
     def finish(self) -> dict:
-        summary = M.summarize(self.acc_matrix, self.acc_all)
+        st, shape = self.state, self.shape()
+        summary = M.summarize(st.acc_matrix, st.acc_all)
         config = S.config_record(self.cfg, self.backbone)
         results = {"method": self.cfg.method, "setting": self.schedule.name(), "dataset": self.index.dataset,
                    "backbone_weights": self.cfg.backbone.weights_name or self.cfg.backbone.path,
                    "backbone": self.backbone, "class_order": self.schedule.order, **summary,
                    # this (last) launch; every segment of a resumed run: "topologies"
-                   "world_size": self.world, "global_batch": self.cfg.optim.global_batch, "micro_batch": self.micro,
-                   "grad_accum": self.accum, "zero_stage": self.stage, "mixed_precision": str(self.acc.mixed_precision),
-                   "topologies": self.topologies, "task_seconds": self.task_times, "events": self.model.events,
-                   "kernel_selfcheck": selfcheck.results(), "loss_log": self.loss_log,
-                   "boundaries": self.boundaries.records, "magnitude_log": self.magnitude_log, "config": config}
-        final_model = S.plain_model(self)  # collective under ZeRO-3; None on ranks other than 0 there
+                   "world_size": shape.world_size, "global_batch": self.cfg.optim.global_batch,
+                   "micro_batch": shape.micro_batch, "grad_accum": shape.grad_accum, "zero_stage": shape.zero_stage,
+                   "mixed_precision": shape.mixed_precision, "topologies": st.topologies,
+                   "task_seconds": st.task_times, "events": self.model.events,
+                   "kernel_selfcheck": selfcheck.results(), "loss_log": st.loss_log,
+                   "boundaries": self.boundaries.records, "magnitude_log": st.magnitude_log, "config": config}
+        final_model = S.plain_model(self.model, self.fingerprint, self.is_main,  # collective under ZeRO-3
+                                    self.plain_copy)  # None on ranks other than 0 there
         if self.is_main:
             path = os.path.join(self.run_dir, "results.json")
             S.write_json_atomic(path, results)
-            last = len(self.acc_all) - 1
+            last = len(st.acc_all) - 1
             for k in ("avg_acc", "last_acc", "forgetting", "bwt"):
                 self.log.scalar(f"final/{k}", summary[k], last)
             hparams = {**flatten(config), "backbone.num_parameters": self.backbone["num_parameters"]}
             self.log.hparams(hparams, {k: summary[k] for k in ("avg_acc", "last_acc", "forgetting", "bwt")}, last)
             self.log.close()
-            print("\naccuracy matrix (%):\n" + M.format_matrix(self.acc_matrix, self.acc_all))
+            print("\naccuracy matrix (%):\n" + M.format_matrix(st.acc_matrix, st.acc_all))
             print(f"Avg Acc {summary['avg_acc']:.2f} | Last Acc {summary['last_acc']:.2f} | "
                   f"forgetting {summary['forgetting']:.2f} | BWT {summary['bwt']:.2f}")
             print(f"results: {path}")

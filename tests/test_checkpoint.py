@@ -155,7 +155,7 @@ def test_resume_from_any_position_is_bitwise_exact(shards, full_run, tmp_path):
     for name, position in [("step-00000002", (0, 0, 2)), ("step-00000003", (0, 0, 3)),
                            ("step-00000006-task0-end", (1, 0, 0)), ("step-00000010", (1, 1, 1))]:
         trainer = Trainer(small(shards, tmp_path / name), resume=os.path.join(root, name))
-        assert trainer.position == position, name
+        assert trainer.state.position == position, name
         got = trainer.run()
         assert comparable(got) == comparable(ref), name
         with open(os.path.join(tmp_path, name, "run", "results.json")) as f:
@@ -179,7 +179,7 @@ def test_resume_refusals_name_the_field_and_the_fix(shards, full_run, tmp_path, 
     assert train.main(["--config", str(path), "--set", "optim.lr=0.01", "--resume", "auto"]) == 2
     # fields that change nothing computed may differ: the finished run just writes its results again
     trainer = Trainer(small(shards, out, train={"log_every": 3, "keep_checkpoints": 100}), resume="auto")
-    assert trainer.position == (2, 0, 0)
+    assert trainer.state.position == (2, 0, 0)
     capsys.readouterr()
     res = trainer.run()
     said = capsys.readouterr().out
@@ -231,7 +231,7 @@ def killed_at(where: str):
     class Dying(Trainer):
         def train_step(self, t, micro_batches):
             loss = super().train_step(t, micro_batches)
-            if where == f"step{self.global_step}":
+            if where == f"step{self.state.global_step}":
                 self.log.flush()
                 raise Killed(where)
             return loss
@@ -244,8 +244,8 @@ def killed_at(where: str):
 
         def finish(self):
             if where == "finish":
-                self.log.scalar("final/avg_acc", 0.0, len(self.acc_all) - 1)
-                self.log.hparams({"x": 1}, {"avg_acc": 0.0}, len(self.acc_all) - 1)
+                self.log.scalar("final/avg_acc", 0.0, len(self.state.acc_all) - 1)
+                self.log.hparams({"x": 1}, {"avg_acc": 0.0}, len(self.state.acc_all) - 1)
                 self.log.flush()
                 raise Killed(where)
             return super().finish()
@@ -429,7 +429,7 @@ def test_results_record_every_launch_topology_and_the_backbone_used(shards, full
 
 
 def test_resume_thread_count_policy():
-    from sdlora_ds.trainer_state import resume_threads, threads_source
+    from sdlora_ds.resume import resume_threads, threads_source
     assert resume_threads(2, 2, "auto") == (2, "threads: 2 per process, as recorded in the checkpoint")
     n, line = resume_threads(2, 1, "auto")  # another load, machine or launch chose 1: back to 2
     assert n == 2 and "as recorded in the checkpoint (this launch would have used 1)" in line
@@ -501,7 +501,7 @@ def test_backbone_fingerprint_is_exact_and_independent_of_the_thread_count():
 
 
 def test_fingerprints_written_before_sha256_still_match_their_backbone():
-    from sdlora_ds.trainer_state import backbone_fingerprint, fingerprint_matches
+    from sdlora_ds.resume import backbone_fingerprint, fingerprint_matches
     model = torch.nn.Linear(384, 64)
     model.pretrained_keys = {"weight", "bias"}
     current = backbone_fingerprint(model)

@@ -1,30 +1,21 @@
-"""What a trainer checkpoint holds, and how a run is put back from one (sdlora_ds/checkpoint.py does
-the atomic writing and the finding).
+"""What a trainer checkpoint holds, and how a run is put back from one. The functions take the
+stateful parts (TrainState, the model, the optimizer side, the checkpoint store), never the Trainer;
+checkpoint.py does the atomic writing and the finding.
 
-    trainer.json   Trainer.state_dict(): position (task, epoch, step in epoch), global step, accuracy
-                   matrix, losses, task times, model events, class order, batch plan, precision, the
-                   launch topology of every segment so far, the logs' position (logger.py)
+    trainer.json   TrainState.state_dict() (position, metrics, one RunShape per launch segment) + the
+                   loop's other state: model events, class order, global batch, boundary diagnostics,
+                   the logs' position (logger.py)
     config.json    the resolved config; a resume must use the same one up to RESUME_MAY_DIFFER
-    model.pt       model.structure() + adapter_state_dict() (frozen and current directions,
-                   magnitudes, classifier; gathered whole under ZeRO-3) + a backbone fingerprint
-    optimizer.pt   mid-task, without DeepSpeed: the torch optimizer's state (momentum), complete
-    scaler.pt      mid-task, without DeepSpeed, fp16 only: the loss scaler
-    engine/        mid-task, under DeepSpeed: engine.save_checkpoint (fp32 master weights and
-                   optimizer state, partitioned per rank; the frozen backbone excluded)
-    rankNNNNN.pt   every rank's RNG states (torch, CUDA, numpy, python)
+    model.pt       model.structure() + adapter_state_dict() (gathered whole under ZeRO-3) + a
+                   backbone fingerprint
+    optimizer.pt   mid-task, without DeepSpeed: the torch optimizer's state (+ scaler.pt with fp16)
+    engine/        mid-task, under DeepSpeed: engine.save_checkpoint (sharded per rank)
+    rankNNNNN.pt   every rank's RNG states
 
-The intra-op thread count is part of the state too (it changes the order of float reductions): it is
-recorded in trainer.json (per launch segment) and manifest.json, and a resume continues with it
-(`resume_threads`).
-
-At a task end the optimizer is discarded anyway (a fresh one per task), so task-end checkpoints hold
-no optimizer state: the model state is complete, and resuming from one is exact with ANY number of
-processes and any ZeRO stage. Mid-task: without DeepSpeed the optimizer state is complete too (DDP
-keeps it whole on every rank) and the world size may change (the data order depends on the global
-batch only, data/loader.py; sums over ranks then group differently: float-rounding differences, as
-between 1 and N processes). Under DeepSpeed the engine's state is sharded per rank, so a mid-task
-checkpoint is resumed only with the same world size and ZeRO stage; otherwise the run is refused with
-a message naming the newest task-end checkpoint, which does allow the change.
+Task-end checkpoints hold no optimizer state (a fresh optimizer starts every task), so they resume
+exactly on any world size and ZeRO stage. A mid-task DeepSpeed checkpoint resumes only on its own
+world size and stage; anything else is refused with the newest task-end checkpoint as the fix. The
+thread count is state too (it orders float reductions): a resume continues with the recorded one.
 """
 from __future__ import annotations
 
@@ -32,16 +23,19 @@ import json
 import os
 import random
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_name, rank_file, read_manifest, write_json, write_torch
+from .checkpoint import (CheckpointError, Checkpoints, checkpoint_name, rank_file, read_manifest, write_json,
+                         write_torch)
 from .config import config_to_dict
-from .distributed import gathered, is_partitioned, plain_construction
+from .distributed import gathered, is_partitioned
 from .fileio import atomic_write_json, tensor_sha256
 from .logger import flatten
+from .train_state import RunShape, TrainState
 
 # Config fields a resumed run may change: where things are and how often to log or save; nothing
 # that changes what is computed. (backbone.path may move: the weights' fingerprint must still match.)
@@ -76,15 +70,6 @@ def config_record(cfg, backbone: dict) -> dict:
     b["arch"] = backbone["arch"]
     b["num_register_tokens"] = backbone.get("num_register_tokens", 0)  # 0: an architecture without registers
     return d
-
-
-def topology(trainer) -> dict:
-    """How this launch runs the loop (one entry per segment of a resumed run, in results.json and
-    every checkpoint's trainer.json), with the intra-op thread count of its processes."""
-    return {"from_global_step": trainer.global_step, "from_position": list(trainer.position),
-            "world_size": trainer.world, "micro_batch": trainer.micro, "grad_accum": trainer.accum,
-            "deepspeed": trainer.deepspeed, "zero_stage": trainer.stage,
-            "mixed_precision": str(trainer.acc.mixed_precision), "threads": torch.get_num_threads()}
 
 
 def resume_line(path: str, position, global_step: int, cfg) -> str:
@@ -166,15 +151,14 @@ def fingerprint_matches(saved: list, current: list, model) -> bool:
     return saved == current
 
 
-def model_payload(trainer) -> dict:
+def model_payload(model, fingerprint: list) -> dict:
     """structure + adapter state (whole, on the CPU) + fingerprint. Collective under ZeRO-3: every
     adapter tensor outside the frozen backbone is a trainable parameter of the current task (the
     frozen directions are buffers, never partitioned), so gathering those is enough."""
-    model = trainer.model
     with gathered(model.trainable_parameters()):  # structure() reads shapes: placeholders are [0]
         state = {k: v.detach().clone().cpu() for k, v in model.adapter_state_dict().items()}
         structure = model.structure()
-    return {"structure": structure, "state": state, "backbone_fingerprint": trainer.fingerprint}
+    return {"structure": structure, "state": state, "backbone_fingerprint": fingerprint}
 
 
 def load_model_payload(model, payload: dict, where: str) -> None:
@@ -207,36 +191,62 @@ def write_json_atomic(path: str, obj) -> None:
     atomic_write_json(path, obj, indent=1)
 
 
+class OptimizerState:
+    """The optimizer side of a mid-task checkpoint (task-end checkpoints have none: a fresh optimizer
+    starts every task). Without DeepSpeed: the torch optimizer's state, complete on every rank (+ the
+    fp16 loss scaler). Under DeepSpeed: the engine's, sharded per rank and saved collectively (the
+    frozen backbone excluded: it is the pretrained file, and under ZeRO-3 every rank's part of it)."""
+
+    def __init__(self, optimizer, engine=None, scaler=None):
+        self.optimizer, self.engine, self.scaler = optimizer, engine, scaler
+        self.kind = "deepspeed" if engine is not None else "torch"
+
+    def files(self) -> dict:
+        if self.kind == "deepspeed":
+            return {}
+        files = {"optimizer.pt": write_torch(self.optimizer.state_dict())}
+        if self.scaler is not None:
+            files["scaler.pt"] = write_torch(self.scaler.state_dict())
+        return files
+
+    def collective(self) -> Optional[Callable[[str], None]]:
+        if self.kind != "deepspeed":
+            return None
+        return lambda folder: self.engine.save_checkpoint(folder, tag="engine", save_latest=False,
+                                                          exclude_frozen_parameters=True)
+
+    def load(self, path: str) -> None:
+        """Into the optimizer/engine just built for the checkpoint's task."""
+        if self.kind == "deepspeed":
+            load_path, _ = self.engine.load_checkpoint(path, tag="engine", load_module_strict=False,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+            if load_path is None:
+                raise CheckpointError(f"checkpoint {path!r}: DeepSpeed could not load its engine state from engine/")
+            return
+        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+        if self.scaler is not None and os.path.exists(os.path.join(path, "scaler.pt")):
+            self.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=True))
+
+
 # ---------------------------------------------------------------------- saving
-def save_checkpoint(trainer, task_end: Optional[int] = None) -> str:
-    """Checkpoint the run where it stands (every rank calls this). task_end=t: right after task t's
-    evaluation, engine dropped; None: mid-task, after an optimizer step."""
-    payload = model_payload(trainer)
-    trainer.log.flush()  # TensorBoard events up to this step are on disk before the checkpoint exists
-    state = trainer.state_dict()
-    shared = {"trainer.json": write_json(state), "config.json": write_json(config_to_dict(trainer.cfg)),
-              "model.pt": write_torch(payload)}
-    collective, kind = None, "none"
-    if task_end is None:
-        if trainer.deepspeed:
-            kind = "deepspeed"
-            # The frozen backbone is excluded: it is the pretrained file (and under ZeRO-3 it would be
-            # every rank's partition of it, every checkpoint).
-            collective = lambda folder: trainer.engine.save_checkpoint(  # noqa: E731
-                folder, tag="engine", save_latest=False, exclude_frozen_parameters=True)
-        else:
-            kind = "torch"
-            shared["optimizer.pt"] = write_torch(trainer.optimizer.state_dict())
-            if trainer.acc.scaler is not None:  # fp16 without DeepSpeed: the loss scale is state too
-                shared["scaler.pt"] = write_torch(trainer.acc.scaler.state_dict())
-    meta = {"order": [trainer.global_step, 0 if task_end is None else 1], "global_step": trainer.global_step,
-            "position": state["position"], "task_end": task_end, "world_size": trainer.world,
-            "zero_stage": trainer.stage, "optimizer_state": kind, "threads": torch.get_num_threads(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path = trainer.ckpt.save(checkpoint_name(trainer.global_step, task_end), meta, shared, write_torch(rng_state()),
-                             collective)
-    trainer.print(f"checkpoint {path}")
-    return path
+def save_checkpoint(store: Checkpoints, state: TrainState, extra: dict, config: dict, model: dict,
+                    optimizer: Optional[OptimizerState], task_end: Optional[int] = None) -> str:
+    """Checkpoint the run where `state` stands (every rank calls this). trainer.json = state + `extra`
+    (the loop's other JSON-able state); `model` = model_payload(...); task_end=t: right after task t's
+    evaluation, no optimizer; None: mid-task, after an optimizer step, with `optimizer`."""
+    assert (task_end is None) == (optimizer is not None), "mid-task checkpoints and only they hold the optimizer"
+    sd = state.state_dict()
+    shared = {"trainer.json": write_json({**sd, **extra}), "config.json": write_json(config),
+              "model.pt": write_torch(model)}
+    if optimizer is not None:
+        shared.update(optimizer.files())
+    shape = state.last_shape()
+    meta = {"order": [state.global_step, 0 if task_end is None else 1], "global_step": state.global_step,
+            "position": sd["position"], "task_end": task_end, "world_size": shape.world_size,
+            "zero_stage": shape.zero_stage, "optimizer_state": "none" if optimizer is None else optimizer.kind,
+            "threads": shape.threads, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return store.save(checkpoint_name(state.global_step, task_end), meta, shared, write_torch(rng_state()),
+                      None if optimizer is None else optimizer.collective())
 
 
 # ---------------------------------------------------------------------- resuming
@@ -250,90 +260,91 @@ def check_config(saved: dict, current: dict, where: str) -> None:
                               f"({os.path.join(where, 'config.json')}) or start a new run under another name")
 
 
-def _task_end_fallback(trainer) -> str:
-    ends = [p for p, m in trainer.ckpt.scan()[0] if m.get("task_end") is not None]
+def task_end_fallback(store: Checkpoints) -> str:
+    """The fix offered when a mid-task checkpoint cannot resume on this launch."""
+    ends = [p for p, m in store.scan()[0] if m.get("task_end") is not None]
     return (f"resume from the task-end checkpoint {ends[0]!r} (--resume PATH; exact with any world size)"
             if ends else "start the run again (no task-end checkpoint is left to resume from)")
 
 
-def load_checkpoint(trainer, path: str) -> tuple:
-    """Put `trainer` (freshly built) back where checkpoint `path` was taken. Returns the logs'
-    position at the checkpoint, for the logger (MetricLogger resume). The optimizer/engine state of a mid-task checkpoint is
-    loaded later, once build_engine has created the engine (load_engine_state)."""
+@dataclass
+class Restored:
+    """What load_checkpoint hands back beyond the TrainState and the model it filled."""
+    extra: dict  # trainer.json beyond TrainState: events, class order, boundaries, ...
+    log_position: dict  # for MetricLogger(resume=...)
+    engine_state: Optional[str]  # mid-task: load into the optimizer once built (OptimizerState.load)
+    notes: list  # lines to print
+
+
+def load_checkpoint(path: str, store: Checkpoints, state: TrainState, model, fingerprint: list, config: dict,
+                    class_order: list, launch: RunShape, rank: int) -> Restored:
+    """Check that checkpoint `path` fits this launch (config, class order, precision, backbone,
+    engine layout), then put `state` and `model` (freshly built) back where it was taken, with this
+    rank's RNG states and the recorded thread count. `launch`: this launch's shape."""
     man = read_manifest(path)
     with open(os.path.join(path, "trainer.json")) as f:
-        state = json.load(f)
+        saved = json.load(f)
     with open(os.path.join(path, "config.json")) as f:
-        check_config(json.load(f), config_to_dict(trainer.cfg), path)
-    if state["class_order"] != trainer.schedule.order:
-        raise CheckpointError(f"checkpoint {path!r} has class order {state['class_order'][:8]}..., this run "
-                              f"{trainer.schedule.order[:8]}...; resume with the original config")
-    if state["mixed_precision"] != str(trainer.acc.mixed_precision):
-        raise CheckpointError(f"checkpoint {path!r} was trained with mixed precision {state['mixed_precision']!r}, "
-                              f"this launch resolves {trainer.acc.mixed_precision!r}; relaunch with the same "
-                              f"accelerate config or set dist.mixed_precision={state['mixed_precision']!r}")
+        check_config(json.load(f), config, path)
+    if saved["class_order"] != class_order:
+        raise CheckpointError(f"checkpoint {path!r} has class order {saved['class_order'][:8]}..., this run "
+                              f"{class_order[:8]}...; resume with the original config")
+    loaded = TrainState()
+    loaded.load_state_dict(saved)
+    was = loaded.last_shape()
+    if was.mixed_precision != launch.mixed_precision:
+        raise CheckpointError(f"checkpoint {path!r} was trained with mixed precision {was.mixed_precision!r}, "
+                              f"this launch resolves {launch.mixed_precision!r}; relaunch with the same "
+                              f"accelerate config or set dist.mixed_precision={was.mixed_precision!r}")
     payload = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
-    if not fingerprint_matches(payload["backbone_fingerprint"], trainer.fingerprint, trainer.model):
-        raise CheckpointError(f"config field 'backbone.path': {trainer.cfg.backbone.path!r} does not hold the weights "
-                              f"checkpoint {path!r} was trained on (fingerprint mismatch); use the original backbone")
+    if not fingerprint_matches(payload["backbone_fingerprint"], fingerprint, model):
+        raise CheckpointError(f"config field 'backbone.path': {config['backbone']['path']!r} does not hold the "
+                              f"weights checkpoint {path!r} was trained on (fingerprint mismatch); use the original "
+                              f"backbone")
     saved_world, kind = man["world_size"], man["optimizer_state"]
-    this = f"{trainer.world} process(es), " + (f"DeepSpeed ZeRO-{trainer.stage}" if trainer.deepspeed
-                                               else "no DeepSpeed")
-    same_engine = trainer.deepspeed and trainer.stage == man["zero_stage"] and trainer.world == saved_world
+    this = f"{launch.world_size} process(es), " + (f"DeepSpeed ZeRO-{launch.zero_stage}" if launch.deepspeed
+                                                   else "no DeepSpeed")
+    same_engine = launch.deepspeed and launch.zero_stage == man["zero_stage"] and launch.world_size == saved_world
     if kind == "deepspeed" and not same_engine:
         raise CheckpointError(
             f"checkpoint {path!r} was written mid-task by {saved_world} process(es) under DeepSpeed ZeRO-"
             f"{man['zero_stage']}: its optimizer state is sharded per rank and resumes only on the same number of "
-            f"processes and ZeRO stage (this launch: {this}). Relaunch that way, or {_task_end_fallback(trainer)}")
-    if kind == "torch" and trainer.deepspeed:
+            f"processes and ZeRO stage (this launch: {this}). Relaunch that way, or {task_end_fallback(store)}")
+    if kind == "torch" and launch.deepspeed:
         raise CheckpointError(
             f"checkpoint {path!r} was written mid-task without DeepSpeed; this launch uses {this}. Relaunch without "
-            f"DeepSpeed, or {_task_end_fallback(trainer)}")
-    load_model_payload(trainer.model, payload, path)
-    trainer.load_state_dict(state)
-    if trainer.position[0] < trainer.cfg.cil.num_tasks:  # a finished run computes nothing more
-        last = (state.get("topologies") or [{}])[-1]
-        threads, line = resume_threads(last.get("threads"), torch.get_num_threads(), threads_source(),
-                                       same_world=last.get("world_size", state["world_size"]) == trainer.world)
+            f"DeepSpeed, or {task_end_fallback(store)}")
+    load_model_payload(model, payload, path)
+    state.load_state_dict(saved)
+    notes = []
+    if state.task < config["cil"]["num_tasks"]:  # a finished run computes nothing more
+        threads, line = resume_threads(was.threads, torch.get_num_threads(), threads_source(),
+                                       same_world=was.world_size == launch.world_size)
         torch.set_num_threads(threads)
-        trainer.print(line)
-    if kind != "none":
-        trainer.pending_engine_state = path
-    if saved_world == trainer.world:
-        set_rng_state(torch.load(os.path.join(path, rank_file(trainer.rank)), weights_only=True))
+        notes.append(line)
+    if saved_world == launch.world_size:
+        set_rng_state(torch.load(os.path.join(path, rank_file(rank)), weights_only=True))
     else:
-        trainer.print(f"note: checkpoint written by {saved_world} process(es), resumed by {trainer.world}: the same "
-                      f"global batches follow; per-rank RNG states are not restored (training draws from none: "
-                      f"factors, order and augmentation are seeded explicitly)")
+        notes.append(f"note: checkpoint written by {saved_world} process(es), resumed by {launch.world_size}: the "
+                     f"same global batches follow; per-rank RNG states are not restored (training draws from none: "
+                     f"factors, order and augmentation are seeded explicitly)")
+    extra = {k: v for k, v in saved.items() if k not in state.state_dict()}
     # checkpoints from before event counting hold the metrics.jsonl length only
-    return state.get("log_position") or {"tb_events": None, "jsonl_bytes": state.get("log_jsonl_bytes", 0)}
+    log_position = saved.get("log_position") or {"tb_events": None, "jsonl_bytes": saved.get("log_jsonl_bytes", 0)}
+    return Restored(extra, log_position, path if kind != "none" else None, notes)
 
 
-def load_engine_state(trainer, path: str) -> None:
-    """Mid-task resume: the optimizer (and DeepSpeed engine) state, into the engine just built."""
-    if trainer.deepspeed:
-        load_path, _ = trainer.engine.load_checkpoint(path, tag="engine", load_module_strict=False,
-                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
-        if load_path is None:
-            raise CheckpointError(f"checkpoint {path!r}: DeepSpeed could not load its engine state from engine/")
-    else:
-        trainer.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-        if trainer.acc.scaler is not None and os.path.exists(os.path.join(path, "scaler.pt")):
-            trainer.acc.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=True))
-
-
-def plain_model(trainer):
-    """The trained model with every tensor whole, for the final model file. Under ZeRO-3 the
-    trainer's model is partitioned: rank 0 rebuilds an ordinary copy from the adapter state
-    (gathered: collective) instead of gathering the whole backbone; None on the other ranks."""
-    model = trainer.model
+def plain_model(model, fingerprint: list, is_main: bool, build_copy: Callable[[], object]):
+    """The trained model with every tensor whole, for the final model file. Under ZeRO-3 `model` is
+    partitioned: rank 0 rebuilds an ordinary copy (`build_copy()`, outside zero.Init) from the
+    adapter state (gathered: collective) instead of gathering the whole backbone; None on the other
+    ranks."""
     if not any(is_partitioned(p) for p in model.parameters()):
         return model
-    payload = model_payload(trainer)
-    if not trainer.is_main:
+    payload = model_payload(model, fingerprint)
+    if not is_main:
         return None
-    with plain_construction(trainer.acc):
-        copy = trainer.fresh_model()
+    copy = build_copy()
     load_model_payload(copy, payload, "the trained model")
     copy.events = model.events
     return copy
