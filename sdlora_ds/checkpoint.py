@@ -1,39 +1,18 @@
 """Checkpoints: atomic folders with a manifest, discovery of the newest complete one, keep-last-K.
-
-What goes into a checkpoint is decided by the components (Trainer.state_dict, the model's structure
-and adapter state, the optimizer/engine): this module only orchestrates the writing and finding.
+What goes in is decided by the stateful parts (resume.py); this module writes and finds folders.
 
     run_dir/checkpoints/
-      step-00000120/                 a mid-task checkpoint (after optimizer step 120)
-      step-00000150-task1-end/       the end of task 1 (after its evaluation; no optimizer state)
-        manifest.json                written last: format, name, order, position, world size, engine,
-                                     every other file with its size and sha256
-        trainer.json                 rank 0: position, metrics so far, class order, losses, events
-        config.json                  rank 0: the resolved config of the run
-        model.pt                     rank 0: model structure + adapters, magnitudes, classifier (full)
-        optimizer.pt                 rank 0, mid-task without DeepSpeed: the torch optimizer state
-                                     (+ scaler.pt with fp16)
-        engine/                      mid-task under DeepSpeed: engine.save_checkpoint (per-rank shards)
-        rank00000.pt, rank00001.pt   every rank: its RNG states
-      .tmp-step-00000180/            being written (or left by a killed run): never picked up
+      step-00000120/             mid-task, after optimizer step 120
+      step-00000150-task1-end/   end of task 1 (after its evaluation; no optimizer state)
+        manifest.json            written last: name, order, position, world size, engine, and every
+                                 other file with its size and sha256
+        trainer.json, config.json, model.pt, [optimizer.pt, scaler.pt | engine/], rankNNNNN.pt
+      .tmp-step-00000180/        being written, or left by a killed run: never picked up
 
-Atomicity: all files are written into `.tmp-<name>/`; once every rank has written its part (a
-barrier), rank 0 writes the manifest, fsyncs, and renames the folder to `<name>` (one rename, atomic
-on POSIX). A folder counts as complete only if its name has no leading dot, its manifest parses and
-every file it lists exists with the listed size (and sha256, checked before loading). A run killed
-at any moment therefore leaves either the previous checkpoints alone or a new complete one. Older
-complete checkpoints beyond train.keep_checkpoints are renamed to `.del-<name>` and then deleted,
-except the newest task-end checkpoint: it is the only kind that resumes on another world size or
-ZeRO stage (mid-task DeepSpeed checkpoints hold per-rank optimizer shards), so it is kept however
-many mid-task checkpoints follow it.
-
-`--resume auto` takes the newest checkpoint whose files all match their sha256. If the folder holds
-checkpoints but every one is damaged, it stops (CheckpointError naming each and why) rather than
-silently starting over; with fresh_if_damaged the damaged ones are set aside as `.damaged-<name>`
-(kept for inspection, never picked up) and the run starts from the beginning.
-
-Every rank writes into the same folder: output_dir must be on a filesystem all nodes share (as the
-data is); a rank file missing when rank 0 seals the folder stops the run with that explanation.
+Every rank writes into `.tmp-<name>/`; after a barrier rank 0 writes the manifest, fsyncs and
+renames the folder (atomic on POSIX), so a kill at any moment leaves the old checkpoints or a new
+complete one. Complete = no leading dot, a parsable manifest, every listed file present at its size
+(sha256 checked before loading). output_dir must be on a filesystem every node shares.
 """
 from __future__ import annotations
 
@@ -147,9 +126,11 @@ class Checkpoints:
     def resolve(self, resume: Optional[str], fresh_if_damaged: bool = False) -> tuple[Optional[str], list]:
         """The checkpoint to start from, decided on rank 0 alone (the others get its answer):
         resume=None: none (refused if this run folder already holds checkpoints: they would mix);
-        'auto': the newest complete one, or none; a path: that checkpoint (or the newest complete one
-        of a checkpoints folder). Returns (path or None, notes to print); raises CheckpointError on
-        every rank alike."""
+        'auto': the newest complete one whose files match their sha256, or none; a path: that
+        checkpoint (or the newest complete one of a checkpoints folder). If every checkpoint is
+        damaged, 'auto' stops (naming each and why) rather than silently start over; with
+        fresh_if_damaged they are set aside as `.damaged-<name>` and the run starts from the
+        beginning. Returns (path or None, notes to print); raises CheckpointError on every rank alike."""
         from .distributed import broadcast_object
         answer = None
         if self.is_main:
@@ -263,7 +244,9 @@ class Checkpoints:
         self.prune()
 
     def prune(self) -> None:
-        """Delete complete checkpoints beyond the newest `keep`, never the newest task-end one (rank 0)."""
+        """Delete complete checkpoints beyond the newest `keep` (rank 0), never the newest task-end
+        one: it is the only kind that resumes on another world size or ZeRO stage (mid-task DeepSpeed
+        checkpoints hold per-rank optimizer shards). Renamed to `.del-<name>` first, then deleted."""
         complete, _ = self.scan()
         task_ends = [p for p, m in complete if m.get("task_end") is not None]
         for path, _ in complete[self.keep:]:

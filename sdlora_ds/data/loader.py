@@ -1,66 +1,21 @@
 """Per-task data streams over the shards: exact, equal batch counts on every rank.
 
 `build_loader(index, cfg, split=, class_ids=, train=, batch_size=, rank=, world_size=, seed=,
-epoch=, start_batch=)` returns a DataLoader of (images float32 (B, 3, S, S), labels int64 (B,)); labels
-are the index's class ids. Build one per epoch (or call `loader.dataset.set_epoch(e)`). start_batch=k
-yields the rank's batches k, k+1, ... of the same plan, without reading or decoding the first k (a
-run resumed mid-epoch).
+epoch=, start_batch=)` returns a DataLoader of (images float32 (B, 3, S, S), labels int64 (B,)),
+labels being the index's class ids. Build one per epoch; start_batch=k resumes mid-epoch at the
+rank's batch k without decoding the first k.
 
-The recipe (everything is planned from the index, no tar is opened to plan):
+- Train: one global order per (seed, epoch), shared by all ranks (order.py): sources interleaved at
+  random, then a shuffle buffer. Global batches of batch_size x world_size, each rank a fixed slice,
+  so a step sees the same samples on 1 or 8 ranks; the last N % world_size samples rest the epoch.
+- Eval: rank r takes positions p % world_size == r, padded with label -1 (ignored) to equal counts.
+- Workers build batches w, w + W, ...: the batch order does not depend on the worker count.
+  Augmentation is seeded per sample from (seed, epoch, position).
+- Bad data (`BadDataError`, naming shard and key) counts against data.bad_sample_tolerance; a
+  tolerated sample keeps its slot so batch counts stay exact. An unopenable shard is `ShardOpenError`.
+- `TaskCache` (data.cache_task): the task split read once per rank, inherited by forked workers.
 
-1. Task stream. Sources in index order: for evaluation, each task shard (only those holding
-   `class_ids`) with its samples of `class_ids` in tar order; for training, one source per (shard,
-   task class in it), its samples of that class in tar order. Positions p = 0..N-1 (N from the
-   index). Shards are opened from their location (a local path or any URL webdataset's gopen
-   opens: file:, http(s)://, pipe:; index entries or data.shard_url, see source.py).
-2. Train epoch, one global order shared by all ranks (order.py, seeded by (seed, epoch), no rank
-   in it): a uniformly random interleave of all the task's sources, so the class mix of every
-   batch is that of a full permutation, then a shuffle buffer of data.shuffle_buffer samples
-   (simulated on positions, so every worker knows the order before reading a byte). The last
-   N % world_size samples of that order rest this epoch (different ones every epoch); the
-   N' = N - N % world_size others are cut into global batches of G = batch_size * world_size:
-   step s covers positions [sG, sG + G) and rank r takes the slice [sG + r*B, sG + (r+1)*B); a
-   short last global batch (N' % G samples, a multiple of world_size) is split equally. So every
-   rank yields N' / world_size samples in ceil(N' / G) batches, and as long as batch_size *
-   world_size stays the same (the trainer fixes the global batch), a step sees the same samples on
-   1 or 8 ranks. The order depends on the index's counts only, not on where the shards are read
-   from: moving the shards to HTTP keeps a run's order.
-3. Eval: rank r takes the samples with p % world_size == r, in index order (no shuffle), padded
-   with samples of label -1 (zero images) up to ceil(N / world_size). Every test sample is yielded
-   exactly once over all ranks; the trainer ignores label -1.
-4. Workers: DataLoader worker w builds the rank's batches j = w, w + W, ... (W workers) and the
-   DataLoader interleaves workers round-robin, so the batch order does not depend on W. A worker
-   keeps every source of the task open and reads them in the interleave's order, keeping only the
-   samples of its own batches (memory bound: order.py). Local tars are walked seekable, so other
-   members are skipped, not read; a stream (HTTP, pipe) is read through, so each worker of each
-   rank downloads the task's shards once per epoch (ranks x workers times in all: with shards on
-   remote storage, data.cache_task reads them once per rank and task). `len(loader)` is computed
-   from the index and is exactly what the rank yields.
-5. Augmentation randomness is seeded per sample from (seed, epoch, global position), inside
-   torch.random.fork_rng: identical crops with any worker count or world size, and the caller's
-   RNG is untouched.
-
-Bad data (`BadDataError`, a RuntimeError naming shard and key): a sample without .cls, a
-non-integer or out-of-range class id, a class the index does not list for that shard, an image
-member that is missing, unreadable or does not decode, a tar that cannot be read to its end, a
-shard with fewer samples of a class than the index says. Each is logged (shard, key, reason) and
-counted per DataLoader worker and epoch (a shard problem seen by several workers is counted by
-each); once the count passes data.bad_sample_tolerance (default 0: the first one) the worker
-raises and the DataLoader re-raises in the trainer. Tolerated bad samples keep their place so the
-batch counts stay exact: in training the slot is filled with a copy of another sample of the same
-batch (or the worker's previous sample); in evaluation it becomes a label -1 padding sample.
-A shard with MORE samples of the task's classes than the index says is always an error (the index
-is out of date). A shard that cannot be opened at all (missing file, failed download or command)
-is not bad data: `ShardOpenError` (source.py), one line naming it, whatever the tolerance.
-
-DataLoader workers are forked on Linux (even where the default start method is 'spawn'): they
-start in milliseconds and share the cache's memory. persistent_workers is off: a new loader per
-epoch starts new workers with the new epoch's plan.
-
-Cache (`TaskCache`, data.cache_task): the task split's encoded samples (all of them: with a global
-order, any rank may need any sample in a later epoch), read once in the main process; DataLoader
-workers inherit it (fork) and later epochs read no tar. One cache holds one (index, split,
-classes); asked for another, it is refilled.
+The full contract (stream sources, slicing, memory bounds, every bad-data case): docs/data_loading.md.
 """
 from __future__ import annotations
 

@@ -15,21 +15,8 @@ over tasks costs O(batch x T) per step and keeps per-task activations for autogr
 - saved for backward: x, the merged weight (one d_out x d_in tensor per layer, the same at every T)
   and references to the factors, which are stored anyway; no per-task activation.
 
-16-bit numerics, which path when:
-- the merge always accumulates in fp32 and rounds once, to the compute dtype (x's dtype, or the
-  autocast dtype under torch.autocast: x is cast there and the Function runs with autocast off);
-- the current task (`safe_bf16`): rounding the merged weight to 16 bits swallows a current-task
-  update smaller than half an ulp of the weight entry (B_cur starts at zero and grows slowly): on a
-  16-bit stored weight the forward would not see what training changes. Unmerged, the term goes in as
-  y = [x | x A_cur^T] [W_f | m B_cur]^T: one GEMM whose fp32 accumulator sums both terms before the
-  single rounding (extra 2 BN d r flops, r ~ 10, and a copy of x; x A_cur^T, BN x r, is saved for
-  the backward). safe_bf16=None (default): unmerged when the compute dtype is bf16/fp16, merged in
-  fp32, where rounding is 2^-24 and the skinny GEMMs would be pure cost; True/False force it;
-- the frozen terms are always merged: they are large next to the rounding. A change of s_f below
-  half a weight ulp does not show in a 16-bit forward when W itself is stored in 16 bits (with an
-  fp32 master weight under autocast, W + update is off the bf16 grid and the rounding dithers it);
-  the gradient of s_f is exact either way.
-
+16-bit inputs: the merge accumulates in fp32 and rounds once; the current task stays unmerged
+(`safe_bf16`) so that small updates are not rounded away (details at _LOW_PRECISION below).
 """
 from __future__ import annotations
 
@@ -38,6 +25,20 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+# 16-bit numerics, which path when:
+# - the merge always accumulates in fp32 and rounds once, to the compute dtype (x's dtype, or the
+#   autocast dtype under torch.autocast: x is cast there and the Function runs with autocast off);
+# - the current task (`safe_bf16`): rounding the merged weight to 16 bits swallows a current-task
+#   update smaller than half an ulp of the weight entry (B_cur starts at zero and grows slowly): on a
+#   16-bit stored weight the forward would not see what training changes. Unmerged, the term goes in as
+#   y = [x | x A_cur^T] [W_f | m B_cur]^T: one GEMM whose fp32 accumulator sums both terms before the
+#   single rounding (extra 2 BN d r flops, r ~ 10, and a copy of x; x A_cur^T, BN x r, is saved for
+#   the backward). safe_bf16=None (default): unmerged when the compute dtype is bf16/fp16, merged in
+#   fp32, where rounding is 2^-24 and the skinny GEMMs would be pure cost; True/False force it;
+# - the frozen terms are always merged: they are large next to the rounding. A change of s_f below
+#   half a weight ulp does not show in a 16-bit forward when W itself is stored in 16 bits (with an
+#   fp32 master weight under autocast, W + update is off the bf16 grid and the rounding dithers it);
+#   the gradient of s_f is exact either way.
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
