@@ -81,7 +81,7 @@ def test_user_mistakes_before_the_workers_start_are_one_line(tmp_path, index):
         assert not os.path.exists(tmp_path / "runs" / "test" / "checkpoints")  # nothing ran
     r = subprocess.run([PY, os.path.join(LAUNCH, "run.py"), "--config_file", "launch/nope.yaml",
                         os.path.join(LAUNCH, "train.py"), "--config", write(tmp_path, index)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     assert_one_error(r.returncode, r.stdout + r.stderr, "--config_file 'launch/nope.yaml' does not exist")
 
 
