@@ -420,12 +420,15 @@ class PeerMonitor:
         Bad data (BadDataError: this rank's share of the samples) is the user's to fix, not a crash:
         one line naming the shard and key, `error (rank N): ...`, and status 2 (launch/run.py then
         ends quietly with 2); the checkpoints are untouched, so --resume auto continues once the
-        data is fixed."""
+        data is fixed. A failed kernel self-check (KernelSelfCheckError: the Triton path disagrees
+        with the reference on this device) is reported the same way, with its fix (adapter.impl)
+        and without the resume hint."""
         from .data.reader import BadDataError
-        if isinstance(exc, BadDataError):
+        from .kernels.selfcheck import KernelSelfCheckError
+        if isinstance(exc, (BadDataError, KernelSelfCheckError)):
             exc.__traceback__ = None  # frees the interrupted loop's progress bar: it clears its line
             try:
-                hint = f" {checkpoint_hint}" if checkpoint_hint else ""
+                hint = f" {checkpoint_hint}" if checkpoint_hint and isinstance(exc, BadDataError) else ""
                 print(f"error (rank {self.rank}): {str(exc).rstrip('. ')}.{hint}", file=sys.stderr, flush=True)
             finally:
                 hard_exit(2)

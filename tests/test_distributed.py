@@ -466,3 +466,27 @@ def test_sigkill_of_the_launchers_process_group_stops_the_trainers(demo):
     err = open(log + ".err").read()
     assert "its launcher (parent process" in err, err[-3000:]
     assert not os.path.exists(os.path.join(out, "demo", "run.lock"))
+
+
+@pytest.mark.parametrize("kind", ["selfcheck", "baddata", "other"])
+def test_abort_reports_user_errors_in_one_line_and_crashes_with_a_traceback(kind):
+    """PeerMonitor.abort on one rank of several: a failed kernel self-check and bad data are the
+    user's to fix (one `error (rank N):` line, exit 2; only bad data gets the resume hint), anything
+    else is a crash (traceback, exit 3)."""
+    raise_it = {"selfcheck": "from sdlora_ds.kernels.selfcheck import KernelSelfCheckError as E",
+                "baddata": "from sdlora_ds.data.reader import BadDataError as E",
+                "other": "E = RuntimeError"}[kind]
+    code = (f"{raise_it}\n"
+            "from sdlora_ds.distributed import PeerMonitor\n"
+            "m = PeerMonitor(1, 2)\n"
+            "try:\n    raise E('it went wrong. set adapter.impl=reference')\n"
+            "except Exception as e:\n    m.abort(e, 'Resume with --resume auto.')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    if kind == "other":
+        assert r.returncode == 3 and "Traceback" in r.stderr, r.stderr
+        return
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    hint = " Resume with --resume auto." if kind == "baddata" else ""
+    assert lines == [f"error (rank 1): it went wrong. set adapter.impl=reference.{hint}"], lines
