@@ -33,9 +33,11 @@ from .checkpoint import (CheckpointError, Checkpoints, checkpoint_name, rank_fil
                          write_torch)
 from .config import config_to_dict
 from .distributed import gathered, is_partitioned
-from .fileio import atomic_write_json, tensor_sha256
+from .fileio import tensor_sha256
 from .logger import flatten
 from .train_state import RunShape, TrainState
+
+TRAIN_STATE_KEYS = frozenset(TrainState().state_dict())  # trainer.json's keys that TrainState owns
 
 # Config fields a resumed run may change: where things are and how often to log or save; nothing
 # that changes what is computed. (backbone.path may move: the weights' fingerprint must still match.)
@@ -187,10 +189,6 @@ def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
 
 
-def write_json_atomic(path: str, obj) -> None:
-    atomic_write_json(path, obj, indent=1)
-
-
 class OptimizerState:
     """The optimizer side of a mid-task checkpoint (task-end checkpoints have none: a fresh optimizer
     starts every task). Without DeepSpeed: the torch optimizer's state, complete on every rank (+ the
@@ -269,18 +267,19 @@ def task_end_fallback(store: Checkpoints) -> str:
 
 @dataclass
 class Restored:
-    """What load_checkpoint hands back beyond the TrainState and the model it filled."""
+    """What load_checkpoint hands back beyond the model it filled."""
+    state: TrainState  # where the checkpoint stands
     extra: dict  # trainer.json beyond TrainState: events, class order, boundaries, ...
     log_position: dict  # for MetricLogger(resume=...)
     engine_state: Optional[str]  # mid-task: load into the optimizer once built (OptimizerState.load)
     notes: list  # lines to print
 
 
-def load_checkpoint(path: str, store: Checkpoints, state: TrainState, model, fingerprint: list, config: dict,
-                    class_order: list, launch: RunShape, rank: int) -> Restored:
+def load_checkpoint(path: str, store: Checkpoints, model, fingerprint: list, config: dict, class_order: list,
+                    launch: RunShape, rank: int) -> Restored:
     """Check that checkpoint `path` fits this launch (config, class order, precision, backbone,
-    engine layout), then put `state` and `model` (freshly built) back where it was taken, with this
-    rank's RNG states and the recorded thread count. `launch`: this launch's shape."""
+    engine layout), then put `model` (freshly built) back where it was taken, with this rank's RNG
+    states and the recorded thread count; its TrainState is returned. `launch`: this launch's shape."""
     man = read_manifest(path)
     with open(os.path.join(path, "trainer.json")) as f:
         saved = json.load(f)
@@ -289,9 +288,9 @@ def load_checkpoint(path: str, store: Checkpoints, state: TrainState, model, fin
     if saved["class_order"] != class_order:
         raise CheckpointError(f"checkpoint {path!r} has class order {saved['class_order'][:8]}..., this run "
                               f"{class_order[:8]}...; resume with the original config")
-    loaded = TrainState()
-    loaded.load_state_dict(saved)
-    was = loaded.last_shape()
+    state = TrainState()
+    state.load_state_dict(saved)
+    was = state.last_shape()
     if was.mixed_precision != launch.mixed_precision:
         raise CheckpointError(f"checkpoint {path!r} was trained with mixed precision {was.mixed_precision!r}, "
                               f"this launch resolves {launch.mixed_precision!r}; relaunch with the same "
@@ -315,7 +314,6 @@ def load_checkpoint(path: str, store: Checkpoints, state: TrainState, model, fin
             f"checkpoint {path!r} was written mid-task without DeepSpeed; this launch uses {this}. Relaunch without "
             f"DeepSpeed, or {task_end_fallback(store)}")
     load_model_payload(model, payload, path)
-    state.load_state_dict(saved)
     notes = []
     if state.task < config["cil"]["num_tasks"]:  # a finished run computes nothing more
         threads, line = resume_threads(was.threads, torch.get_num_threads(), threads_source(),
@@ -328,10 +326,10 @@ def load_checkpoint(path: str, store: Checkpoints, state: TrainState, model, fin
         notes.append(f"note: checkpoint written by {saved_world} process(es), resumed by {launch.world_size}: the "
                      f"same global batches follow; per-rank RNG states are not restored (training draws from none: "
                      f"factors, order and augmentation are seeded explicitly)")
-    extra = {k: v for k, v in saved.items() if k not in state.state_dict()}
+    extra = {k: v for k, v in saved.items() if k not in TRAIN_STATE_KEYS}
     # checkpoints from before event counting hold the metrics.jsonl length only
     log_position = saved.get("log_position") or {"tb_events": None, "jsonl_bytes": saved.get("log_jsonl_bytes", 0)}
-    return Restored(extra, log_position, path if kind != "none" else None, notes)
+    return Restored(state, extra, log_position, path if kind != "none" else None, notes)
 
 
 def plain_model(model, fingerprint: list, is_main: bool, build_copy: Callable[[], object]):

@@ -37,6 +37,7 @@ from .distributed import (ParentWatch, PeerMonitor, configure_deepspeed_batch, g
                           lock_run_folder, make_accelerator, merged_eval, plain_construction, sum_across_ranks,
                           under_launcher, uses_deepspeed, zero_stage)
 from .export import FINAL_MODEL, save_final_model
+from .fileio import atomic_write_json
 from .kernels import selfcheck
 from .logger import MetricLogger, flatten
 from .model import build_model
@@ -112,7 +113,7 @@ class Trainer:
             self.state.begin_segment(self.shape())
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            S.write_json_atomic(os.path.join(self.run_dir, "config.json"), S.config_record(self.cfg, self.backbone))
+            atomic_write_json(os.path.join(self.run_dir, "config.json"), S.config_record(self.cfg, self.backbone))
             self.ckpt.sweep()
         self.log = MetricLogger(self.run_dir, enabled=self.is_main, resume=log_resume)
         for note in self.log.notes:
@@ -149,15 +150,17 @@ class Trainer:
                 "global_batch": self.cfg.optim.global_batch, "log_position": self.log.position(),
                 "boundaries": self.boundaries.state_dict()}
 
+    def optimizer_state(self) -> S.OptimizerState:
+        """This task's optimizer side, as a mid-task checkpoint saves and loads it."""
+        return S.OptimizerState(self.optimizer, engine=self.engine if self.deepspeed else None,
+                                scaler=self.acc.scaler)
+
     def save_checkpoint(self, task_end: Optional[int] = None) -> str:
         """Checkpoint where the run stands (every rank). task_end=t: after task t's evaluation, engine
         dropped; None: mid-task, after an optimizer step, with the optimizer's state."""
         payload = S.model_payload(self.model, self.fingerprint)  # collective under ZeRO-3
         self.log.flush()  # TensorBoard events up to this step are on disk before the checkpoint exists
-        optimizer = None
-        if task_end is None:
-            optimizer = S.OptimizerState(self.optimizer, engine=self.engine if self.deepspeed else None,
-                                         scaler=self.acc.scaler)
+        optimizer = self.optimizer_state() if task_end is None else None
         path = S.save_checkpoint(self.ckpt, self.state, self.extra_state(), config_to_dict(self.cfg), payload,
                                  optimizer, task_end)
         self.print(f"checkpoint {path}")
@@ -166,8 +169,9 @@ class Trainer:
     def load_checkpoint(self, path: str) -> dict:
         """Put the freshly built trainer back where checkpoint `path` was taken; returns the logs'
         position there. A mid-task checkpoint's optimizer state waits for build_engine."""
-        r = S.load_checkpoint(path, self.ckpt, self.state, self.model, self.fingerprint, config_to_dict(self.cfg),
+        r = S.load_checkpoint(path, self.ckpt, self.model, self.fingerprint, config_to_dict(self.cfg),
                               self.schedule.order, self.shape(), self.rank)
+        self.state = r.state
         self.model.events = r.extra["events"]
         self.boundaries.load_state_dict(r.extra.get("boundaries", {}))
         self.pending_engine_state = r.engine_state
@@ -249,8 +253,7 @@ class Trainer:
             held, total, parts = held_elements(self.model)
             self.print(f"ZeRO-3: rank 0 stores {held:,} of {total:,} parameter elements ({parts} partitioned tensors)")
         if self.pending_engine_state is not None:
-            S.OptimizerState(self.optimizer, engine=self.engine if self.deepspeed else None,
-                             scaler=self.acc.scaler).load(self.pending_engine_state)
+            self.optimizer_state().load(self.pending_engine_state)
             self.pending_engine_state = None
 
     def train_epoch(self, t: int, epoch: int, first_step: int = 0, start: float = 0.0) -> None:
@@ -475,7 +478,7 @@ class Trainer:
                                     self.plain_copy)  # None on ranks other than 0 there
         if self.is_main:
             path = os.path.join(self.run_dir, "results.json")
-            S.write_json_atomic(path, results)
+            atomic_write_json(path, results)
             last = len(st.acc_all) - 1
             for k in ("avg_acc", "last_acc", "forgetting", "bwt"):
                 self.log.scalar(f"final/{k}", summary[k], last)
