@@ -1,7 +1,8 @@
 """The regime benchmark: SD-LoRA against the baselines with many classes per task and hundreds of
 optimizer steps per task, on a real pretrained ViT, runnable on a 2-core CPU in about two hours.
 
-    python bench/regime.py --stage select|compare|steps|all [--out runs/regime] [--jobs 2] [--dry-run]
+    python bench/regime.py --stage select|compare|steps|axis|all [--out runs/regime] [--jobs 2] [--dry-run]
+    python bench/regime.py --stage axis --steps 300 150 600 --seeds 1993 1994 1995 1996 1997 [--axis-methods ...]
 
 Benchmark: shards.mnist_mix (Animal-MNIST + Fashion-MNIST + MNIST = 30 classes, 200 train / 60 test
 images per class), B6-6-5 (5 tasks of 6 classes; the class order, seeded, mixes the sources), the
@@ -19,6 +20,11 @@ Stages:
   LoRA, linear probe, NCM, joint.
 - steps: SD-LoRA and sequential LoRA at 40 and 300 optimizer steps per task (the compare stage
   gives 150), seed 1993: accuracy and jump factor against the budget.
+- axis (issue 25): the steps axis on the current code, many seeds: for every --steps value (optimizer
+  steps per task, a multiple of the 75 steps of one epoch) and every --seeds seed, the --axis-methods
+  (default SD-LoRA, sequential LoRA); NCM (no training steps) once per seed. Groups are named
+  axis<steps>_<method> and axis_ncm. Steps-major in the order given, so a cut-short sweep has whole
+  step counts; `all` does not include it.
 Then `python bench/regime_report.py` writes the tables and plots. Ends with one JSON line.
 """
 from __future__ import annotations
@@ -61,6 +67,21 @@ STEPS = {  # 75 steps per epoch (1,200 images per task, batch 16)
 }
 
 
+STEPS_PER_EPOCH = 75  # 1,200 training images per task (6 classes x 200) at global batch 16
+AXIS_METHODS = ("sdlora", "seq_lora")
+
+
+def axis_jobs(steps: list, seeds: list, methods: list, extra: list) -> list[tuple[str, int, list]]:
+    """The steps axis: NCM once per seed first (it has no steps), then steps-major, seed, method."""
+    jobs = [("axis_ncm", s, METHODS["ncm"] + extra) for s in seeds]
+    for n in steps:
+        if n <= 0 or n % STEPS_PER_EPOCH:
+            raise ValueError(f"--steps {n}: must be a positive multiple of {STEPS_PER_EPOCH} (one epoch of a task)")
+        epochs = [f"optim.epochs={n // STEPS_PER_EPOCH}"]
+        jobs += [(f"axis{n}_{m}", s, METHODS[m] + epochs + extra) for s in seeds for m in methods]
+    return jobs
+
+
 def jobs_of(stage: str, extra: list) -> list[tuple[str, int, list]]:
     if stage == "select":
         return [(g, 1993, o + extra) for g, o in SELECT.items()]
@@ -68,7 +89,7 @@ def jobs_of(stage: str, extra: list) -> list[tuple[str, int, list]]:
         return [(g, s, o + extra) for s in SEEDS for g, o in METHODS.items()]
     if stage == "steps":
         return [(g, 1993, o + extra) for g, o in STEPS.items()]
-    raise ValueError(f"--stage {stage!r}: allowed select, compare, steps, all")
+    raise ValueError(f"--stage {stage!r}: allowed select, compare, steps, axis, all")
 
 
 def command(group: str, seed: int, overrides: list, out: str) -> list[str]:
@@ -100,7 +121,13 @@ def run_one(job, out: str, dry: bool) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", required=True, choices=["select", "compare", "steps", "all"])
+    ap.add_argument("--stage", required=True, choices=["select", "compare", "steps", "axis", "all"])
+    ap.add_argument("--steps", nargs="+", type=int, default=[300, 150, 600],
+                    help="axis: optimizer steps per task, in the order to run them")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1993, 1994, 1995, 1996, 1997],
+                    help="axis: seeds (seed and cil.order_seed both)")
+    ap.add_argument("--axis-methods", nargs="+", default=list(AXIS_METHODS), choices=sorted(METHODS),
+                    help="axis: method groups trained at every step count (NCM always runs once per seed)")
     ap.add_argument("--out", default="runs/regime")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--set", action="append", default=[], help="extra override for every run (key=value)")
@@ -108,7 +135,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     a = ap.parse_args(argv)
     stages = ["select", "compare", "steps"] if a.stage == "all" else [a.stage]
-    jobs = [j for st in stages for j in jobs_of(st, a.set) if a.only is None or j[0] in a.only]
+    if a.stage == "axis":
+        jobs = axis_jobs(a.steps, a.seeds, a.axis_methods, a.set)
+    else:
+        jobs = [j for st in stages for j in jobs_of(st, a.set)]
+    jobs = [j for j in jobs if a.only is None or j[0] in a.only]
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         done = list(pool.map(lambda j: run_one(j, a.out, a.dry_run), jobs))
