@@ -3,6 +3,7 @@ optimizer steps per task, on a real pretrained ViT, runnable on a 2-core CPU in 
 
     python bench/regime.py --stage select|compare|steps|axis|all [--out runs/regime] [--jobs 2] [--dry-run]
     python bench/regime.py --stage axis --steps 300 150 600 --seeds 1993 1994 1995 1996 1997 [--axis-methods ...]
+    python bench/regime.py --stage check|axis --config configs/demo_animal_digits.json --out runs/demo_seeds ...
 
 Benchmark: shards.mnist_mix (Animal-MNIST + Fashion-MNIST + MNIST = 30 classes, 200 train / 60 test
 images per class), B6-6-5 (5 tasks of 6 classes; the class order, seeded, mixes the sources), the
@@ -25,6 +26,11 @@ Stages:
   (default SD-LoRA, sequential LoRA); NCM (no training steps) once per seed. Groups are named
   axis<steps>_<method> and axis_ncm. Steps-major in the order given, so a cut-short sweep has whole
   step counts; `all` does not include it.
+- check: the joint upper bound (all classes in one task) and the linear probe of --config at the first
+  --seeds seed: is a setting learnable, and is there room above the frozen features? (how the default
+  demo's setting was vetted before any continual method ran on it; docs/demo_results.md).
+--config picks another benchmark config (default configs/regime_mix.json); the steps of one epoch are
+read from it and its index (task 0's training images / global batch).
 Then `python bench/regime_report.py` writes the tables and plots. Ends with one JSON line.
 """
 from __future__ import annotations
@@ -51,7 +57,7 @@ METHODS = {
     "seq_lora": ["method=seq_lora"],
     "linear_probe": ["method=linear_probe"],
     "ncm": ["method=ncm"],
-    "joint": ["cil.num_tasks=1", "cil.init_classes=30", "cil.increment=0"],
+    "joint": ["cil.num_tasks=1", "cil.init_classes=30", "cil.increment=0"],  # regime_mix's 30 classes
 }
 SELECT = {  # chosen on the joint bound and the linear probe only
     "select_joint_lr0.005": METHODS["joint"] + ["optim.lr=0.005"],
@@ -67,17 +73,41 @@ STEPS = {  # 75 steps per epoch (1,200 images per task, batch 16)
 }
 
 
-STEPS_PER_EPOCH = 75  # 1,200 training images per task (6 classes x 200) at global batch 16
 AXIS_METHODS = ("sdlora", "seq_lora")
 
 
-def axis_jobs(steps: list, seeds: list, methods: list, extra: list) -> list[tuple[str, int, list]]:
+def load_json(path: str) -> dict:
+    with open(os.path.join(ROOT, path)) as f:
+        return json.load(f)
+
+
+def steps_per_epoch(config: str) -> int:
+    """Optimizer steps in one epoch of task 0: its classes' training images / global batch (the
+    regime benchmark and the demo both give 75: 6 x 200 / 16 and 5 x 120 / 8)."""
+    cfg = load_json(config)
+    per_class = load_json(cfg["data"]["index"])["splits"]["train"]["per_class"]
+    if min(per_class) != max(per_class):
+        raise ValueError(f"{cfg['data']['index']}: the axis needs the same number of training images per class")
+    images = cfg["cil"]["init_classes"] * per_class[0]
+    assert images % cfg["optim"]["global_batch"] == 0, "a task's last batch would be short"
+    return images // cfg["optim"]["global_batch"]
+
+
+def check_jobs(config: str, seed: int, extra: list) -> list[tuple[str, int, list]]:
+    """Joint upper bound (every class in one task) and the linear probe of the config as it stands."""
+    n = load_json(config)["cil"]["num_classes"]
+    joint = ["cil.num_tasks=1", f"cil.init_classes={n}", "cil.increment=0"]
+    return [("check_joint", seed, joint + extra), ("check_linear_probe", seed, METHODS["linear_probe"] + extra)]
+
+
+def axis_jobs(config: str, steps: list, seeds: list, methods: list, extra: list) -> list[tuple[str, int, list]]:
     """The steps axis: NCM once per seed first (it has no steps), then steps-major, seed, method."""
     jobs = [("axis_ncm", s, METHODS["ncm"] + extra) for s in seeds]
+    per_epoch = steps_per_epoch(config)
     for n in steps:
-        if n <= 0 or n % STEPS_PER_EPOCH:
-            raise ValueError(f"--steps {n}: must be a positive multiple of {STEPS_PER_EPOCH} (one epoch of a task)")
-        epochs = [f"optim.epochs={n // STEPS_PER_EPOCH}"]
+        if n <= 0 or n % per_epoch:
+            raise ValueError(f"--steps {n}: must be a positive multiple of {per_epoch} (one epoch of a task)")
+        epochs = [f"optim.epochs={n // per_epoch}"]
         jobs += [(f"axis{n}_{m}", s, METHODS[m] + epochs + extra) for s in seeds for m in methods]
     return jobs
 
@@ -92,20 +122,20 @@ def jobs_of(stage: str, extra: list) -> list[tuple[str, int, list]]:
     raise ValueError(f"--stage {stage!r}: allowed select, compare, steps, axis, all")
 
 
-def command(group: str, seed: int, overrides: list, out: str) -> list[str]:
+def command(group: str, seed: int, overrides: list, out: str, config: str = CONFIG) -> list[str]:
     sets = [f"name={group}__s{seed}", f"output_dir={out}", f"seed={seed}", f"cil.order_seed={seed}", *overrides]
-    cmd = [sys.executable, os.path.join("launch", "train.py"), "--config", CONFIG, "--resume", "auto"]
+    cmd = [sys.executable, os.path.join("launch", "train.py"), "--config", config, "--resume", "auto"]
     for s in sets:
         cmd += ["--set", s]
     return cmd
 
 
-def run_one(job, out: str, dry: bool) -> dict:
+def run_one(job, out: str, dry: bool, config: str = CONFIG) -> dict:
     group, seed, overrides = job
     name = f"{group}__s{seed}"
     if os.path.isfile(os.path.join(out, name, "results.json")):
         return {"run": name, "status": "done before", "seconds": 0.0}
-    cmd = command(group, seed, overrides, out)
+    cmd = command(group, seed, overrides, out, config)
     if dry:
         print(" ".join(cmd))
         return {"run": name, "status": "dry", "seconds": 0.0}
@@ -121,7 +151,8 @@ def run_one(job, out: str, dry: bool) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", required=True, choices=["select", "compare", "steps", "axis", "all"])
+    ap.add_argument("--stage", required=True, choices=["select", "compare", "steps", "axis", "check", "all"])
+    ap.add_argument("--config", default=CONFIG, help="the benchmark's config (select/compare/steps are regime_mix's)")
     ap.add_argument("--steps", nargs="+", type=int, default=[300, 150, 600],
                     help="axis: optimizer steps per task, in the order to run them")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1993, 1994, 1995, 1996, 1997],
@@ -135,16 +166,20 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     a = ap.parse_args(argv)
     stages = ["select", "compare", "steps"] if a.stage == "all" else [a.stage]
+    if a.stage in ("select", "compare", "steps", "all") and a.config != CONFIG:
+        raise ValueError(f"--stage {a.stage} is defined for {CONFIG} only; use --stage axis or check with --config")
     if a.stage == "axis":
-        jobs = axis_jobs(a.steps, a.seeds, a.axis_methods, a.set)
+        jobs = axis_jobs(a.config, a.steps, a.seeds, a.axis_methods, a.set)
+    elif a.stage == "check":
+        jobs = check_jobs(a.config, a.seeds[0], a.set)
     else:
         jobs = [j for st in stages for j in jobs_of(st, a.set)]
     jobs = [j for j in jobs if a.only is None or j[0] in a.only]
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        done = list(pool.map(lambda j: run_one(j, a.out, a.dry_run), jobs))
+        done = list(pool.map(lambda j: run_one(j, a.out, a.dry_run, a.config), jobs))
     failed = [d["run"] for d in done if d["status"] not in ("ok", "done before", "dry")]
-    summary = {"bench": "regime", "stages": stages, "runs": len(done), "failed": failed,
+    summary = {"bench": "regime", "config": a.config, "stages": stages, "runs": len(done), "failed": failed,
                "wall_minutes": round((time.time() - t0) / 60, 1), "threads_per_run": 1, "jobs": a.jobs}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"bench_{a.stage}.json"), "w") as f:

