@@ -202,7 +202,8 @@ def test_every_config_gets_hints_that_fit_it(name, tmp_path, monkeypatch):
                  "data/fashion_mnist/index.json": "shards.fashion_mnist", "data/imagenet-r/index.json":
                  "shards.imagenet_r", "data/imagenet-a/index.json": "shards.imagenet_a", "data/cub/index.json":
                  "shards.cub", "data/cifar100/index.json": "shards.cifar100",
-                 "data/domainnet/index.json": "shards.domainnet", "data/mnist_mix/index.json": "shards.mnist_mix"}[
+                 "data/domainnet/index.json": "shards.domainnet", "data/mnist_mix/index.json": "shards.mnist_mix",
+                 "data/animal_digits/index.json": "shards.mnist_mix"}[
                      cfg.data.index]
     assert f"python -m {converter} " in msg, msg
     assert ("shards.digits" in msg) == (converter == "shards.digits"), msg
