@@ -84,7 +84,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    fileio.atomic_write_json(path, obj, indent=1, newline=True)  # fsync'd as the shards: read by other machines
+    fileio.atomic_write_json(path, obj, indent=1, newline=True, fsync=True)  # as the shards: read by other machines
 
 
 def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -212,15 +212,8 @@ def remove_stale_temporaries(out_dir: str) -> list[str]:
             m = _TMP.search(name)
             if not m:
                 continue
-            pid = int(m.group(1))
-            try:
-                os.kill(pid, 0)
-                if pid != os.getpid():
-                    continue  # alive
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue  # someone else's live process
+            if fileio.pid_alive(int(m.group(1))):
+                continue  # another run writing here
             path = os.path.join(folder, name)
             try:
                 os.remove(path)
