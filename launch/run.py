@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 import runtime  # launch/runtime.py (this script's folder is on sys.path)
+from sdlora_ds import errors
 
 LAUNCH = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,7 +82,7 @@ def preflight(args) -> int:
     try:
         train.load_and_check(targs, world_size=procs)
     except ValueError as e:
-        return runtime.report_error(e)
+        return errors.report_error(e)
     return 0
 
 
@@ -99,8 +100,8 @@ def main(argv=None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     args = launch_command_parser().parse_args(argv)
     if args.config_file and not os.path.isfile(args.config_file):
-        return runtime.report_error(ValueError(f"--config_file {args.config_file!r} does not exist; use one of "
-                                               f"launch/accelerate_*.yaml (run from the repository root)"))
+        return errors.report_error(ValueError(f"--config_file {args.config_file!r} does not exist; use one of "
+                                              f"launch/accelerate_*.yaml (run from the repository root)"))
     code = preflight(args)
     if code:
         return code
@@ -116,8 +117,8 @@ def main(argv=None) -> int:
     try:
         launch_command(args)
     except Exception as e:
-        if _failure_code(e) == 2:  # a user mistake: the worker printed its one error line
-            return 2
+        if _failure_code(e) == errors.EXIT_USER:  # a user mistake: the worker printed its one error line
+            return errors.EXIT_USER
         hold.release(logger)
         raise
     finally:

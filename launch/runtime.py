@@ -1,7 +1,6 @@
 """Process-level settings shared by the launch scripts (train.py, run.py, pretrain_demo_backbone.py).
+(User errors and their exit codes: sdlora_ds/errors.py.)
 
-- `report_error`: a user mistake is ONE line, `error: ...`, printed by the first process of each
-  node (on one machine: once, by rank 0); every process exits with code 2.
 - `cpu_threads` / `set_cpu_threads`: intra-op threads per process = usable CPUs / processes on
   this machine (at least 1), unless OMP_NUM_THREADS says otherwise. Never the load average: the
   thread count changes the order of float reductions, so a count that followed the machine's load
@@ -16,42 +15,9 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Optional
 
-
-# ------------------------------------------------------------------ user errors
-def is_reporting_process() -> bool:
-    """True in the process that prints user errors: local rank 0 (or no launcher at all)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
-
-
-ERROR_GRACE_S = 20.0
-"""How long another process waits before speaking for itself (see report_error)."""
-
-
-def report_error(e: BaseException) -> int:
-    """Print `error: <message>` on the reporting process; returns the exit code (2).
-
-    Every process meets the same mistake (same config, same files), so the others stay silent. But
-    a silent process must not exit first: the launcher would stop the reporting one before it
-    printed. So the others wait; normally the reporting process exits meanwhile and the launcher
-    stops them. A process whose mistake is its own (e.g. a file missing on one node only) prints
-    it after ERROR_GRACE_S, with its rank."""
-    if is_reporting_process():
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    time.sleep(ERROR_GRACE_S)
-    print(f"error (rank {os.environ.get('RANK', '?')}): {e}", file=sys.stderr, flush=True)
-    return 2
-
-
-def without_traceback(e: BaseException) -> BaseException:
-    """Drop `e`'s traceback before its error line is printed: the frames it holds keep the progress
-    bar of the interrupted loop open, and a bar freed with them clears its line (tqdm, leave=False),
-    so the error line starts at the beginning of a line instead of after a half-drawn bar."""
-    e.__traceback__ = None
-    return e
+from sdlora_ds.errors import is_reporting_process
 
 
 # ------------------------------------------------------------------ CPU threads

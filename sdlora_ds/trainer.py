@@ -36,6 +36,7 @@ from .diagnostics import BoundaryRecorder
 from .distributed import (ParentWatch, PeerMonitor, configure_deepspeed_batch, gathered, held_elements,
                           lock_run_folder, make_accelerator, merged_eval, plain_construction, sum_across_ranks,
                           under_launcher, uses_deepspeed, zero_stage)
+from .errors import resume_hint
 from .export import FINAL_MODEL, save_final_model
 from .fileio import atomic_write_json
 from .kernels import selfcheck
@@ -196,7 +197,7 @@ class Trainer:
                 self.monitor.stop()
         except Exception as e:
             if self.monitor is not None:  # name the dead peer and exit now, instead of hanging in teardown
-                self.monitor.abort(e, f"Resume with --resume auto (checkpoints: {self.ckpt.root}).")
+                self.monitor.abort(e, resume_hint(self.ckpt.root))
             raise
         finally:
             self.close()

@@ -18,6 +18,7 @@ sys.path.insert(0, LAUNCH)
 PY = sys.executable
 
 import runtime  # noqa: E402
+from sdlora_ds import errors  # noqa: E402
 import train  # noqa: E402
 
 
@@ -115,7 +116,7 @@ def test_train_main_reports_on_local_rank_zero_only(tmp_path, index, capsys, mon
     # another rank waits for the launcher to stop it (rank 0 exits first), then speaks for itself
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(runtime, "ERROR_GRACE_S", 0.05)
+    monkeypatch.setattr(errors, "ERROR_GRACE_S", 0.05)
     assert train.main(["--config", cfg]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.splitlines() == [error_lines_expected(cfg).replace("error:", "error (rank 1):")]
