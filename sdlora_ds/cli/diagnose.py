@@ -1,5 +1,5 @@
 """Split a finished run's errors into within-task and between-task ones (task-aware accuracy),
-and print its task-boundary diagnostics (results.json 'boundaries', sdlora_ds/diagnostics.py):
+and print its task-boundary diagnostics (results.json 'boundaries', sdlora_ds/boundaries.py):
 
     sdlora-diagnose --run runs/NAME [--json out.json] [--boundaries-only]
 
@@ -13,7 +13,7 @@ import sys
 
 from sdlora_ds.diagnose import diagnose_run, format_diagnosis
 from sdlora_ds.errors import run_cli
-from sdlora_ds.diagnostics import format_boundaries
+from sdlora_ds.boundaries import format_boundaries
 
 
 def main(argv=None) -> int:

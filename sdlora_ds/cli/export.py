@@ -1,6 +1,6 @@
 """Export a finished run as a transformers image-classification folder:
 
-    sdlora-export --run runs/NAME --out exported/NAME    (or: python launch/export.py ...)
+    sdlora-export --run runs/NAME --out exported/NAME
 
 Works from any directory: a relative backbone.path in the run's config.json (as given to training)
 is looked up in the folder training ran in (the run folder minus output_dir/name: for runs/NAME,

@@ -1,4 +1,4 @@
-"""Compare methods over seeds: `sdlora-report` or `python launch/report.py --runs runs/sweep_X [more folders or results.json]
+"""Compare methods over seeds: `sdlora-report --runs runs/sweep_X [more folders or results.json]
 --out docs/compare_X [--label GROUP=TEXT ...] [--band minmax|std]`.
 
 Reads finished runs' results.json only (runs copied back from a cluster work the same), groups
