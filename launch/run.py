@@ -24,8 +24,7 @@ import os
 import subprocess
 import sys
 
-import runtime  # launch/runtime.py (this script's folder is on sys.path)
-from sdlora_ds import errors
+from sdlora_ds import errors, threads
 
 LAUNCH = os.path.dirname(os.path.abspath(__file__))
 
@@ -107,10 +106,10 @@ def main(argv=None) -> int:
         return code
     if "OMP_NUM_THREADS" not in os.environ and args.num_cpu_threads_per_process is None:
         procs, machines = _topology(args)
-        os.environ["OMP_NUM_THREADS"] = str(runtime.cpu_threads(max(1, procs // machines))[0])
-        os.environ[runtime.THREADS_SOURCE_ENV] = "auto"  # chosen here, not forced: a resume may replace it
+        os.environ["OMP_NUM_THREADS"] = str(threads.cpu_threads(max(1, procs // machines))[0])
+        os.environ[threads.THREADS_SOURCE_ENV] = "auto"  # chosen here, not forced: a resume may replace it
     else:
-        os.environ[runtime.THREADS_SOURCE_ENV] = "user"
+        os.environ[threads.THREADS_SOURCE_ENV] = "user"
     logger = logging.getLogger(_ELASTIC_LOGGER)
     hold = _HoldShutdownLogs()
     logger.addFilter(hold)

@@ -16,7 +16,7 @@ import os
 import sys
 
 import runtime  # noqa: E402  (launch/runtime.py)
-from sdlora_ds import errors  # noqa: E402
+from sdlora_ds import errors, threads  # noqa: E402
 from sdlora_ds.preflight import check, check_output_dir, load_and_check  # noqa: E402,F401  (run.py, tests)
 
 
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
         from sdlora_ds.dryrun import describe, is_first_process
         if is_first_process():
             print(describe(load_config(args.config, args.set), cfg, int(os.environ.get("WORLD_SIZE", "1"))), flush=True)
-    if "OMP_NUM_THREADS" not in os.environ:  # no launcher: a share of this machine (see runtime.py)
-        runtime.set_cpu_threads(runtime.local_world_size())
+    if "OMP_NUM_THREADS" not in os.environ:  # no launcher: a share of this machine (sdlora_ds/threads.py)
+        threads.set_cpu_threads(threads.local_world_size())
     runtime.deepspeed_build_note()
     from sdlora_ds.distributed import resolve_deepspeed_config_file
     resolve_deepspeed_config_file(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # launch/*.yaml

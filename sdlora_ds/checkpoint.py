@@ -6,7 +6,7 @@ What goes in is decided by the stateful parts (resume.py); this module writes an
       step-00000150-task1-end/   end of task 1 (after its evaluation; no optimizer state)
         manifest.json            written last: name, order, position, world size, engine, and every
                                  other file with its size and sha256
-        trainer.json, config.json, model.pt, [optimizer.pt, scaler.pt | engine/], rankNNNNN.pt
+        trainer.json, resume_config.json, model.pt, [optimizer.pt, scaler.pt | engine/], rankNNNNN.pt
       .tmp-step-00000180/        being written, or left by a killed run: never picked up
 
 Every rank writes into `.tmp-<name>/`; after a barrier rank 0 writes the manifest, fsyncs and

@@ -114,7 +114,7 @@ class Trainer:
             self.state.begin_segment(self.shape())
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            atomic_write_json(os.path.join(self.run_dir, "config.json"), S.config_record(self.cfg, self.backbone))
+            atomic_write_json(os.path.join(self.run_dir, S.RUN_CONFIG), S.config_record(self.cfg, self.backbone))
             self.ckpt.sweep()
         self.log = MetricLogger(self.run_dir, enabled=self.is_main, resume=log_resume)
         for note in self.log.notes:

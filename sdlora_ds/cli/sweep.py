@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 
 from sdlora_ds.config import apply_override, config_to_dict, load_config
+from sdlora_ds.config_fields import NON_COMPUTING
 from sdlora_ds.errors import run_cli
 from sdlora_ds.fileio import atomic_write_json
 from sdlora_ds.logger import flatten
@@ -40,10 +41,6 @@ from sdlora_ds.logger import flatten
 LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch")
 TRAIN = os.path.join(LAUNCH, "train.py")  # the checkout's (sdlora_ds/cli/ -> the checkout's root -> launch/)
 SWEEP_SETS = ("seed", "cil.order_seed", "name", "output_dir")
-# Fields a finished run may differ in from the sweep's config and still count as done: where
-# the folders are, and cadences that change nothing computed.
-NON_COMPUTING = {"output_dir", "data.index", "backbone.path", "data.num_workers", "train.log_every",
-                 "train.checkpoint_every", "train.keep_checkpoints", "dist.timeout_s"}
 
 
 @dataclass
