@@ -29,7 +29,7 @@ Outputs under --out (default $OUT): gpu_check.json (everything, rewritten after 
 gpu_check.md (tables). --cpu-smoke (or SDLORA_GPU_CHECK_CPU=1): the same parts with tiny shapes on
 the CPU, device-only variants skipped with the reason (the CPU test, tests/test_gpu_check.py).
 The orchestrating process imports only the standard library, so a missing package is reported
-(preflight) instead of crashing the script. The report is never lost: a part that fails (an error,
+(missing_packages) instead of crashing the script. The report is never lost: a part that fails (an error,
 a crash, a timeout, an unreadable result) is recorded with its error and the remaining parts run
 where they can (device parts are skipped when env finds no GPU); gpu_check.json and gpu_check.md are
 rewritten after every part, and the last line printed names every failed part (exit 1).
@@ -104,7 +104,7 @@ def child_main(a) -> int:
 
 
 # ============================================================================ orchestration (stdlib only)
-def preflight(smoke: bool) -> list:
+def missing_packages(smoke: bool) -> list:
     missing = [m for m in REQUIRED + ([] if smoke else ["triton"]) if importlib.util.find_spec(m) is None]
     if missing:
         print(f"gpu_check: missing python packages: {', '.join(missing)} "
@@ -127,7 +127,7 @@ def orchestrate(a) -> int:
     start = time.perf_counter()
     report = {"bench": "gpu_check", "mode": "cpu-smoke" if smoke else "gpu", "started_utc":
               time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "total_budget_s": budget,
-              "sizes": sizes(smoke), "missing_packages": preflight(smoke), "parts": {}}
+              "sizes": sizes(smoke), "missing_packages": missing_packages(smoke), "parts": {}}
     est = sum(e for _, e in PARTS.values())
     print(f"gpu_check ({report['mode']}): {len(PARTS)} parts, estimated {est} s on one H100/H200, "
           f"total budget {budget} s; work folder {work}", flush=True)

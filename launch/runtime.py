@@ -1,14 +1,7 @@
 """Process-level settings shared by the launch scripts (train.py, run.py, pretrain_demo_backbone.py).
+(User errors and their exit codes: sdlora_ds/errors.py.)
 
-- `report_error`: a user mistake is ONE line, `error: ...`, printed by the first process of each
-  node (on one machine: once, by rank 0); every process exits with code 2.
-- `cpu_threads` / `set_cpu_threads`: intra-op threads per process = usable CPUs / processes on
-  this machine (at least 1), unless OMP_NUM_THREADS says otherwise. Never the load average: the
-  thread count changes the order of float reductions, so a count that followed the machine's load
-  gave other numbers on a busy machine, and a resumed run continued with other rounding. The count
-  is recorded in results.json and every checkpoint, and a resume goes back to it
-  (resume.resume_threads). torch's default (every core in every process) oversubscribes
-  the CPU as soon as two processes share a machine.
+- the CPU thread count per process: sdlora_ds/threads.py.
 - `deepspeed_build_note`: DeepSpeed on CPU compiles a C++ extension (its shared-memory
   communication op) the first time it starts, silently, for minutes; say so before it starts.
 """
@@ -16,100 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Optional
 
-
-# ------------------------------------------------------------------ user errors
-def is_reporting_process() -> bool:
-    """True in the process that prints user errors: local rank 0 (or no launcher at all)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
-
-
-ERROR_GRACE_S = 20.0
-"""How long another process waits before speaking for itself (see report_error)."""
-
-
-def report_error(e: BaseException) -> int:
-    """Print `error: <message>` on the reporting process; returns the exit code (2).
-
-    Every process meets the same mistake (same config, same files), so the others stay silent. But
-    a silent process must not exit first: the launcher would stop the reporting one before it
-    printed. So the others wait; normally the reporting process exits meanwhile and the launcher
-    stops them. A process whose mistake is its own (e.g. a file missing on one node only) prints
-    it after ERROR_GRACE_S, with its rank."""
-    if is_reporting_process():
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    time.sleep(ERROR_GRACE_S)
-    print(f"error (rank {os.environ.get('RANK', '?')}): {e}", file=sys.stderr, flush=True)
-    return 2
-
-
-def without_traceback(e: BaseException) -> BaseException:
-    """Drop `e`'s traceback before its error line is printed: the frames it holds keep the progress
-    bar of the interrupted loop open, and a bar freed with them clears its line (tqdm, leave=False),
-    so the error line starts at the beginning of a line instead of after a half-drawn bar."""
-    e.__traceback__ = None
-    return e
-
-
-# ------------------------------------------------------------------ CPU threads
-def usable_cpus() -> int:
-    """CPUs this process may run on: the affinity mask, capped by a cgroup v2 CPU quota (containers)
-    and by the physical core count (a second hyper-thread adds little to dense math)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    try:
-        import psutil
-        physical = psutil.cpu_count(logical=False)
-        if physical:
-            n = min(n, physical)
-    except ImportError:
-        pass
-    return max(1, n)
-
-
-def cpu_threads(local_processes: int = 1, environ: Optional[dict] = None) -> tuple[int, str]:
-    """(threads per process, how the number was found). OMP_NUM_THREADS wins when set to a
-    positive integer; otherwise usable CPUs // processes on this machine, at least 1. It depends on
-    the machine and the launch only, never on what else runs there (see the module docstring)."""
-    env = os.environ if environ is None else environ
-    given = env.get("OMP_NUM_THREADS", "").strip()
-    if given.isdigit() and int(given) > 0:
-        return int(given), "OMP_NUM_THREADS"
-    cpus, procs = usable_cpus(), max(1, local_processes)
-    return max(1, cpus // procs), f"{cpus} usable CPUs / {procs} process(es)"
-
-
-THREADS_SOURCE_ENV = "SDLORA_THREADS_SOURCE"
-"""Set to 'auto' beside the OMP_NUM_THREADS that run.py chooses itself (cpu_threads), so that a worker
-can tell that count from one a user forced (sdlora_ds/resume.threads_source reads it)."""
-
-
-def set_cpu_threads(local_processes: int = 1) -> int:
-    """torch.set_num_threads(cpu_threads(...)); returns the number."""
-    import torch
-    n, _ = cpu_threads(local_processes)
-    torch.set_num_threads(n)
-    return n
-
-
-def local_world_size() -> int:
-    """Processes of this run on this machine (the launcher's LOCAL_WORLD_SIZE; 1 without one)."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+from sdlora_ds.errors import is_reporting_process
 
 
 # ------------------------------------------------------------------ DeepSpeed's first build

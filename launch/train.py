@@ -8,7 +8,7 @@ into the run folder <name>-dry-run (sdlora_ds/dryrun.py).
 
 Parses arguments, checks the inputs, runs the Trainer. A user mistake (config, paths, data index,
 resume) stops every process with exit code 2 and ONE line, `error: ...`, printed by the first
-process of each node (runtime.report_error). The checks that need no other process (`check`) run
+process of each node (sdlora_ds/errors.py: which errors are the user's, and the exit codes). The checks that need no other process (`check`) run
 before the process group is created; the rest run in the Trainer, identically on every rank.
 """
 import argparse
@@ -16,6 +16,7 @@ import os
 import sys
 
 import runtime  # noqa: E402  (launch/runtime.py)
+from sdlora_ds import errors, threads  # noqa: E402
 from sdlora_ds.preflight import check, check_output_dir, load_and_check  # noqa: E402,F401  (run.py, tests)
 
 
@@ -46,14 +47,14 @@ def main(argv=None) -> int:
     try:
         cfg = load_and_check(args, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:  # user mistakes: one line naming the field/file and the fix
-        return runtime.report_error(e)
+        return errors.report_error(e)
     if args.dry_run:
         from sdlora_ds.config import load_config
         from sdlora_ds.dryrun import describe, is_first_process
         if is_first_process():
             print(describe(load_config(args.config, args.set), cfg, int(os.environ.get("WORLD_SIZE", "1"))), flush=True)
-    if "OMP_NUM_THREADS" not in os.environ:  # no launcher: a share of this machine (see runtime.py)
-        runtime.set_cpu_threads(runtime.local_world_size())
+    if "OMP_NUM_THREADS" not in os.environ:  # no launcher: a share of this machine (sdlora_ds/threads.py)
+        threads.set_cpu_threads(threads.local_world_size())
     runtime.deepspeed_build_note()
     from sdlora_ds.distributed import resolve_deepspeed_config_file
     resolve_deepspeed_config_file(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # launch/*.yaml
@@ -61,17 +62,16 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(cfg, resume=args.resume, fresh_if_damaged=args.fresh_if_damaged)
     except ValueError as e:  # raised on every rank alike (rank 0 decides what to resume and broadcasts)
-        return runtime.report_error(e)
-    from sdlora_ds.data.reader import BadDataError
-    from sdlora_ds.kernels.selfcheck import KernelSelfCheckError
+        return errors.report_error(e)
     try:
         trainer.run()
-    except KernelSelfCheckError as e:  # the Triton path disagrees with the reference: one line, the fix
-        return runtime.report_error(runtime.without_traceback(e))
-    except BadDataError as e:  # one process (several: PeerMonitor.abort reports it per rank, exit 2)
-        runtime.without_traceback(e)
-        return runtime.report_error(ValueError(f"{str(e).rstrip('. ')}. Resume with --resume auto (checkpoints: "
-                                               f"{os.path.join(cfg.run_dir, 'checkpoints')})."))
+    except Exception as e:  # one process (several: PeerMonitor.abort reports it per rank)
+        kind = errors.training_user_error(e)
+        if kind is None:
+            raise  # a bug: its traceback
+        # bad data: the checkpoints are untouched; a failed kernel self-check: the fix is adapter.impl
+        hint = errors.resume_hint(os.path.join(cfg.run_dir, "checkpoints")) if kind == "data" else ""
+        return errors.report_error(e, hint)
     return 0
 
 

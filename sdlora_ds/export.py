@@ -27,7 +27,7 @@ import torch
 
 from .config import DataConfig, RunConfig, load_config
 from .fileio import atomic_write
-from .resume import backbone_fingerprint, fingerprint_matches
+from .resume import RUN_CONFIG, backbone_fingerprint, fingerprint_matches
 
 FINAL_MODEL = "final_model.pt"
 FORMAT = "sdlora-ds-final/1"
@@ -89,7 +89,7 @@ def load_final_model(run_dir: str):
     run_dir/final_model.pt. A relative backbone.path is resolved by `resolve_backbone_path` (the
     folder training ran in, then the current directory), so export works from any directory."""
     from .model import build_model
-    cfg_path, model_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, FINAL_MODEL)
+    cfg_path, model_path = os.path.join(run_dir, RUN_CONFIG), os.path.join(run_dir, FINAL_MODEL)
     for p in (cfg_path, model_path):
         if not os.path.isfile(p):
             raise ValueError(f"run folder {run_dir!r} has no {os.path.basename(p)}; give the folder of a "

@@ -2,7 +2,7 @@
 
 Reads nothing but results.json files (the trainer writes one only when a run finishes), so it
 works the same on runs copied back from a cluster. Runs are grouped by their config name with the
-sweep's `__s<seed>` suffix removed (launch/sweep.py names runs `<config name>__s<seed>`); every
+sweep's `__s<seed>` suffix removed (sdlora-sweep names runs `<config name>__s<seed>`); every
 group must hold one setting (configs equal except seeds, names and paths) and each seed once.
 
 Per group: Avg Acc, Last Acc, forgetting and BWT as mean +- sample std over seeds (ddof 1), n
@@ -369,7 +369,7 @@ def write_report(inputs: Sequence[str], out_dir: str, labels: Optional[dict] = N
     paths, unfinished = find_results(inputs)
     if not paths:
         raise ValueError(f"no results.json under {list(inputs)} ({len(unfinished)} unfinished run folder(s)); "
-                         f"finish the runs first (launch/sweep.py resumes them)")
+                         f"finish the runs first (sdlora-sweep resumes them)")
     groups = group_runs([load_run(p) for p in paths], labels)
     os.makedirs(out_dir, exist_ok=True)
     plots = {"seen": os.path.join(out_dir, "seen_accuracy.png"), "matrix": {}}

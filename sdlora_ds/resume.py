@@ -5,7 +5,10 @@ checkpoint.py does the atomic writing and the finding.
     trainer.json   TrainState.state_dict() (position, metrics, one RunShape per launch segment) + the
                    loop's other state: model events, class order, global batch, boundary diagnostics,
                    the logs' position (logger.py)
-    config.json    the resolved config; a resume must use the same one up to RESUME_MAY_DIFFER
+    resume_config.json  the config as given (config_to_dict); a resume must use the same one up to
+                   RESUME_MAY_DIFFER (config_fields.py). Not the run folder's config.json (RUN_CONFIG:
+                   the config as run, read by sdlora-export/-report/-diagnose). Checkpoints written
+                   before the two had distinct names hold it as config.json: still read.
     model.pt       model.structure() + adapter_state_dict() (gathered whole under ZeRO-3) + a
                    backbone fingerprint
     optimizer.pt   mid-task, without DeepSpeed: the torch optimizer's state (+ scaler.pt with fp16)
@@ -32,19 +35,17 @@ import torch
 from .checkpoint import (CheckpointError, Checkpoints, checkpoint_name, rank_file, read_manifest, write_json,
                          write_torch)
 from .config import config_to_dict
+from .config_fields import RESUME_MAY_DIFFER
 from .distributed import gathered, is_partitioned
 from .fileio import tensor_sha256
 from .logger import flatten
+from .threads import resume_threads, threads_source
 from .train_state import RunShape, TrainState
 
 TRAIN_STATE_KEYS = frozenset(TrainState().state_dict())  # trainer.json's keys that TrainState owns
-
-# Config fields a resumed run may change: where things are and how often to log or save; nothing
-# that changes what is computed. (backbone.path may move: the weights' fingerprint must still match.)
-RESUME_MAY_DIFFER = {"name", "output_dir", "backbone.path", "backbone.weights_name", "data.index", "data.num_workers",
-                     "data.cache_task", "data.verify_checksums", "data.bad_sample_tolerance", "train.log_every",
-                     "train.eval_batch", "train.checkpoint_every", "train.keep_checkpoints", "dist.timeout_s",
-                     "dist.mixed_precision"}  # the RESOLVED precision must match (checked separately)
+RUN_CONFIG = "config.json"  # in the run folder: config_record, the config as run (the trainer writes it)
+RESUME_CONFIG = "resume_config.json"  # in a checkpoint: the config a resume is compared against
+_RESUME_CONFIG_BEFORE = "config.json"  # its name in checkpoints written before it had its own
 
 
 # ---------------------------------------------------------------------- what a run records about itself
@@ -64,7 +65,7 @@ def backbone_record(model, cfg) -> dict:
 def config_record(cfg, backbone: dict) -> dict:
     """The resolved config as run: the backbone section's architecture fields hold the loaded
     model's values (for source='pretrained' the configured ones are unused defaults). Loading it
-    again builds the same run (launch/export.py does)."""
+    again builds the same run (sdlora-export does)."""
     d = config_to_dict(cfg)
     b = d["backbone"]
     for key in ("hidden_size", "num_layers", "num_heads", "mlp_size", "patch_size", "image_size", "layer_norm_eps"):
@@ -86,43 +87,6 @@ def resume_line(path: str, position, global_step: int, cfg) -> str:
                 f"next")
     return (f"resumed from {path}: task {task}, epoch {epoch + 1}/{cfg.optim.epochs}, after {step} of its steps "
             f"(global step {global_step})")
-
-
-# ---------------------------------------------------------------------- the thread count
-THREADS_SOURCE_ENV = "SDLORA_THREADS_SOURCE"
-"""'auto' when launch/run.py chose OMP_NUM_THREADS itself (launch/runtime.py), 'user' when it was given."""
-
-
-def threads_source(environ=None) -> str:
-    """Who chose this process's thread count: 'user' (OMP_NUM_THREADS set by hand, or by plain
-    `accelerate launch`, which cannot be told apart) or 'auto' (launch/run.py or launch/train.py
-    from the CPU and process counts; also a Trainer built in-process without OMP_NUM_THREADS)."""
-    env = os.environ if environ is None else environ
-    if env.get(THREADS_SOURCE_ENV) in ("auto", "user"):
-        return env[THREADS_SOURCE_ENV]
-    return "user" if env.get("OMP_NUM_THREADS", "").strip() else "auto"
-
-
-def resume_threads(recorded: Optional[int], current: int, source: str, same_world: bool = True) -> tuple:
-    """(threads to continue with, the one line that says so). The thread count changes the order of
-    float reductions, so a resume continues with the count the checkpoint was trained with, unless
-    the user forced another one (then it says the run will not be bitwise), or the world size
-    changed (the sums over ranks group differently anyway: this launch's own share of the CPUs)."""
-    if recorded is not None and recorded != current and not same_world:
-        return current, (f"threads: {current} per process (the checkpoint was trained with {recorded}, on another "
-                         f"number of processes: not bitwise anyway)")
-    if recorded is None:
-        return current, (f"threads: {current} per process (the checkpoint records no thread count: it was written "
-                         f"before counts were recorded; floats may differ from an uninterrupted run in the last "
-                         f"digits)")
-    if recorded == current:
-        return current, f"threads: {current} per process, as recorded in the checkpoint"
-    if source == "auto":
-        return recorded, (f"threads: {recorded} per process, as recorded in the checkpoint (this launch would have "
-                          f"used {current}), so the run continues bitwise")
-    return current, (f"warning: OMP_NUM_THREADS={current} forces {current} thread(s) per process, the checkpoint was "
-                     f"trained with {recorded}: the resumed run will not be bitwise identical to an uninterrupted "
-                     f"one (unset OMP_NUM_THREADS, or set it to {recorded}, to continue bitwise)")
 
 
 def _per_pretrained_tensor(model, fn) -> list:
@@ -234,7 +198,7 @@ def save_checkpoint(store: Checkpoints, state: TrainState, extra: dict, config: 
     evaluation, no optimizer; None: mid-task, after an optimizer step, with `optimizer`."""
     assert (task_end is None) == (optimizer is not None), "mid-task checkpoints and only they hold the optimizer"
     sd = state.state_dict()
-    shared = {"trainer.json": write_json({**sd, **extra}), "config.json": write_json(config),
+    shared = {"trainer.json": write_json({**sd, **extra}), RESUME_CONFIG: write_json(config),
               "model.pt": write_torch(model)}
     if optimizer is not None:
         shared.update(optimizer.files())
@@ -255,7 +219,13 @@ def check_config(saved: dict, current: dict, where: str) -> None:
         shown = "; ".join(f"'{k}': checkpoint {a.get(k)!r}, this run {b.get(k)!r}" for k in diff[:4])
         raise CheckpointError(f"checkpoint {where!r} was written by a run with another config ({shown}"
                               f"{'; ...' if len(diff) > 4 else ''}); resume with the original config "
-                              f"({os.path.join(where, 'config.json')}) or start a new run under another name")
+                              f"({os.path.join(where, _resume_config_name(where))}) or start a new run under "
+                              f"another name")
+
+
+def _resume_config_name(path: str, man: Optional[dict] = None) -> str:
+    files = (man or read_manifest(path))["files"]
+    return RESUME_CONFIG if RESUME_CONFIG in files else _RESUME_CONFIG_BEFORE
 
 
 def task_end_fallback(store: Checkpoints) -> str:
@@ -283,7 +253,7 @@ def load_checkpoint(path: str, store: Checkpoints, model, fingerprint: list, con
     man = read_manifest(path)
     with open(os.path.join(path, "trainer.json")) as f:
         saved = json.load(f)
-    with open(os.path.join(path, "config.json")) as f:
+    with open(os.path.join(path, _resume_config_name(path, man))) as f:
         check_config(json.load(f), config, path)
     if saved["class_order"] != class_order:
         raise CheckpointError(f"checkpoint {path!r} has class order {saved['class_order'][:8]}..., this run "

@@ -32,10 +32,11 @@ from .checkpoint import Checkpoints
 from .cil import TaskSchedule
 from .config import RunConfig, config_to_dict
 from .data import ShardIndex, build_loader
-from .diagnostics import BoundaryRecorder
+from .boundaries import BoundaryRecorder
 from .distributed import (ParentWatch, PeerMonitor, configure_deepspeed_batch, gathered, held_elements,
                           lock_run_folder, make_accelerator, merged_eval, plain_construction, sum_across_ranks,
                           under_launcher, uses_deepspeed, zero_stage)
+from .errors import resume_hint
 from .export import FINAL_MODEL, save_final_model
 from .fileio import atomic_write_json
 from .kernels import selfcheck
@@ -92,7 +93,7 @@ class Trainer:
         self.state = TrainState()  # where the run stands: position, global step, metrics, launch segments
         self.engine = self.optimizer = None
         self.pending_engine_state: Optional[str] = None  # mid-task resume: checkpoint to load after prepare
-        self.boundaries = BoundaryRecorder()  # task-boundary diagnostics (diagnostics.py)
+        self.boundaries = BoundaryRecorder()  # task-boundary diagnostics (boundaries.py)
         self._probe_images: Optional[torch.Tensor] = None
         self.ckpt = Checkpoints(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints, self.acc)
 
@@ -113,7 +114,7 @@ class Trainer:
             self.state.begin_segment(self.shape())
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            atomic_write_json(os.path.join(self.run_dir, "config.json"), S.config_record(self.cfg, self.backbone))
+            atomic_write_json(os.path.join(self.run_dir, S.RUN_CONFIG), S.config_record(self.cfg, self.backbone))
             self.ckpt.sweep()
         self.log = MetricLogger(self.run_dir, enabled=self.is_main, resume=log_resume)
         for note in self.log.notes:
@@ -196,7 +197,7 @@ class Trainer:
                 self.monitor.stop()
         except Exception as e:
             if self.monitor is not None:  # name the dead peer and exit now, instead of hanging in teardown
-                self.monitor.abort(e, f"Resume with --resume auto (checkpoints: {self.ckpt.root}).")
+                self.monitor.abort(e, resume_hint(self.ckpt.root))
             raise
         finally:
             self.close()
@@ -489,7 +490,7 @@ class Trainer:
             print(f"Avg Acc {summary['avg_acc']:.2f} | Last Acc {summary['last_acc']:.2f} | "
                   f"forgetting {summary['forgetting']:.2f} | BWT {summary['bwt']:.2f}")
             print(f"results: {path}")
-            # The final model for launch/export.py; the same state is in the last checkpoint
+            # The final model for sdlora-export; the same state is in the last checkpoint
             # (checkpoints/step-*-task{T-1}-end), which --resume auto turns back into this file.
             save_final_model(os.path.join(self.run_dir, FINAL_MODEL), final_model, self.cfg, self.schedule.order,
                              self.index.class_names, fingerprint=self.fingerprint)

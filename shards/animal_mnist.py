@@ -24,6 +24,7 @@ Keys: f"{split}_{class:04d}_{position in the pickle:05d}".
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 from typing import Optional
 
@@ -77,14 +78,15 @@ def convert_animal_mnist(out: str, *, src: Optional[str] = None, seed: int = 0, 
                           subset_seed=seed, max_per_shard=max_per_shard, workers=workers, progress=progress)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap, "the Animal_MNIST folder holding the two .gz pickles (default: the installed package's)")
     ap.add_argument("--test-fraction", type=float, default=0.2, help="test share per class (0.2: 800/200)")
-    run_cli(lambda a: convert_animal_mnist(a.out, src=a.src, seed=a.seed, test_fraction=a.test_fraction,
-                                           per_class_train=a.per_class_train, per_class_test=a.per_class_test,
-                                           max_per_shard=a.max_per_shard, workers=a.workers), ap, argv)
+    a = ap.parse_args(argv)
+    return run_cli(lambda: print(convert_animal_mnist(a.out, src=a.src, seed=a.seed, test_fraction=a.test_fraction,
+                                                      per_class_train=a.per_class_train, per_class_test=a.per_class_test,
+                                                      max_per_shard=a.max_per_shard, workers=a.workers)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

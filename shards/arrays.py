@@ -12,7 +12,7 @@ Shared by shards.animal_mnist, shards.fashion_mnist and shards.mnist:
   array (`array_specs`), and `convert_arrays`, which hands everything to
   shards.writer.finish_conversion with grayscale PNGs (lossless, mode "L"; the training transform
   makes them RGB, as for the digits).
-- the CLI: `add_common_args` and `run_cli`, which turns a bad input into one line on stderr and
+- the CLI: `add_common_args`, and `run_cli` (shards.writer's, re-exported), which turns a bad input into one line on stderr and
   exit code 2 (no traceback).
 """
 from __future__ import annotations
@@ -23,13 +23,12 @@ import hashlib
 import importlib.util
 import os
 import pickle
-import sys
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from shards.digits import encode_png  # uint8 (H, W) -> mode "L" PNG; the digits converter's encoder
-from shards.writer import SampleSpec, finish_conversion, sha256_file
+from shards.writer import SampleSpec, finish_conversion, run_cli, sha256_file  # noqa: F401  (run_cli: for the converters)
 
 DEFAULT_MAX_PER_SHARD = 1000
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -179,14 +178,3 @@ def add_common_args(ap: argparse.ArgumentParser, src_help: str) -> None:
     ap.add_argument("--workers", type=int, default=1, help="processes encoding shards")
     ap.add_argument("--max-per-shard", type=int, default=DEFAULT_MAX_PER_SHARD,
                     help="samples per shard; larger classes get several shards, smaller ones share")
-
-
-def run_cli(fn: Callable[[argparse.Namespace], str], ap: argparse.ArgumentParser, argv=None) -> None:
-    """Parse, run fn(args) and print the index path; a bad input -> 'error: ...' on stderr, exit 2."""
-    args = ap.parse_args(argv)
-    try:
-        path = fn(args)
-    except ValueError as e:  # SourceMissing included: the message already names the fix
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(path)

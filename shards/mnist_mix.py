@@ -26,6 +26,7 @@ Keys: f"{split}_{class:04d}_{position:06d}" with positions counted over the conc
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 from typing import Optional
 
@@ -102,7 +103,7 @@ def convert_mnist_mix(out: str, *, animal_src: Optional[str] = None, fashion_src
                           subset_seed=seed, max_per_shard=max_per_shard, workers=workers, progress=progress)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap, "not used: give --animal-src / --fashion-src / --mnist-src")
     ap.add_argument("--animal-src", default=None, help="Animal_MNIST folder (default: the installed animal-mnist's)")
@@ -117,8 +118,9 @@ def main(argv=None) -> None:
                                  mnist_src=a.mnist_src, seed=a.seed, per_class_train=a.per_class_train,
                                  per_class_test=a.per_class_test, max_per_shard=a.max_per_shard,
                                  workers=a.workers, sources=a.sources)
-    run_cli(run, ap, argv)
+    a = ap.parse_args(argv)
+    return run_cli(lambda: print(run(a)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -30,6 +30,7 @@ stock `tar` and `webdataset` read them (webdataset groups by key, whatever the m
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -40,7 +41,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from sdlora_ds import fileio
+from sdlora_ds import errors, fileio
 from sdlora_ds.fileio import sha256_file  # noqa: F401  (re-exported for the converters)
 
 FORMAT = "sdlora-ds-shards/1"
@@ -84,7 +85,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    fileio.atomic_write_json(path, obj, indent=1, newline=True)  # fsync'd as the shards: read by other machines
+    fileio.atomic_write_json(path, obj, indent=1, newline=True, fsync=True)  # as the shards: read by other machines
 
 
 def _add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -212,15 +213,8 @@ def remove_stale_temporaries(out_dir: str) -> list[str]:
             m = _TMP.search(name)
             if not m:
                 continue
-            pid = int(m.group(1))
-            try:
-                os.kill(pid, 0)
-                if pid != os.getpid():
-                    continue  # alive
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue  # someone else's live process
+            if fileio.pid_alive(int(m.group(1))):
+                continue  # another run writing here
             path = os.path.join(folder, name)
             try:
                 os.remove(path)
@@ -364,19 +358,12 @@ def summary_line(dataset: str, index: dict, stats: dict) -> str:
     return line
 
 
-def run_cli(main: Callable[..., Any], *args) -> int:
-    """Run a converter's main(*args): a user mistake or a bad source becomes one `error: ...` line
-    on stderr and exit code 2 (no traceback); Ctrl-C says what was kept (exit code 130)."""
-    try:
-        main(*args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: every shard finished so far is recorded; run the same command again to resume",
-              file=sys.stderr)
-        return 130
-    return 0
+INTERRUPTED = "interrupted: every shard finished so far is recorded; run the same command again to resume"
+
+run_cli = functools.partial(errors.run_cli, interrupted=INTERRUPTED)
+"""run_cli(main, *args) -> exit code: a converter's main(*args) under the one error policy
+(sdlora_ds.errors.run_cli: a user mistake or a bad source is one `error: ...` line and exit code 2;
+Ctrl-C says what was kept, exit code 130)."""
 
 
 def stratified_split(labels: Sequence[int], ratios: dict[str, float], seed: int) -> dict[str, list[int]]:

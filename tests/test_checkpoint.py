@@ -162,6 +162,27 @@ def test_resume_from_any_position_is_bitwise_exact(shards, full_run, tmp_path):
             assert comparable(json.load(f)) == comparable(ref)
 
 
+def test_a_checkpoint_written_before_resume_config_json_still_resumes(shards, full_run, tmp_path):
+    """Checkpoints once held the config as config.json (now resume_config.json, distinct from the run
+    folder's config.json): such a checkpoint still resumes bitwise, and a config mismatch names it."""
+    import shutil
+    from sdlora_ds.resume import RESUME_CONFIG
+    from sdlora_ds.trainer import Trainer
+    out, ref = full_run
+    old = str(tmp_path / "old" / "step-00000003")
+    shutil.copytree(os.path.join(out, "run", "checkpoints", "step-00000003"), old)
+    os.rename(os.path.join(old, RESUME_CONFIG), os.path.join(old, "config.json"))
+    with open(os.path.join(old, "manifest.json")) as f:
+        man = json.load(f)
+    man["files"]["config.json"] = man["files"].pop(RESUME_CONFIG)
+    with open(os.path.join(old, "manifest.json"), "w") as f:
+        json.dump(man, f)
+    with pytest.raises(CheckpointError, match=r"step-00000003/config\.json\) or start a new run"):
+        Trainer(small(shards, tmp_path / "bad", optim={"lr": 0.01}), resume=old)
+    got = Trainer(small(shards, tmp_path / "r"), resume=old).run()
+    assert comparable(got) == comparable(ref)
+
+
 def test_resume_refusals_name_the_field_and_the_fix(shards, full_run, tmp_path, capsys):
     import train  # launch/train.py (on sys.path: see _launch_on_path)
     from sdlora_ds.trainer import Trainer
@@ -426,21 +447,6 @@ def test_results_record_every_launch_topology_and_the_backbone_used(shards, full
     assert all((t["world_size"], t["micro_batch"], t["grad_accum"], t["zero_stage"]) == (1, 8, 2, None)
                for t in res["topologies"])
     assert len(ref["topologies"]) == 1
-
-
-def test_resume_thread_count_policy():
-    from sdlora_ds.resume import resume_threads, threads_source
-    assert resume_threads(2, 2, "auto") == (2, "threads: 2 per process, as recorded in the checkpoint")
-    n, line = resume_threads(2, 1, "auto")  # another load, machine or launch chose 1: back to 2
-    assert n == 2 and "as recorded in the checkpoint (this launch would have used 1)" in line
-    n, line = resume_threads(2, 1, "user")  # forced by the user: kept, and said to break bitwise
-    assert n == 1 and line.startswith("warning: OMP_NUM_THREADS=1") and "will not be bitwise" in line
-    n, line = resume_threads(2, 1, "auto", same_world=False)  # 1 process -> 2: this launch's share of the CPUs
-    assert n == 1 and "on another number of processes" in line
-    n, line = resume_threads(None, 3, "auto")  # a checkpoint from before the count was recorded
-    assert n == 3 and "records no thread count" in line
-    assert threads_source({}) == "auto" and threads_source({"OMP_NUM_THREADS": "4"}) == "user"
-    assert threads_source({"OMP_NUM_THREADS": "4", "SDLORA_THREADS_SOURCE": "auto"}) == "auto"  # run.py's own
 
 
 def test_resume_continues_with_the_recorded_thread_count(shards, full_run, tmp_path, capsys, monkeypatch):

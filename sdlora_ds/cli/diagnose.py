@@ -1,5 +1,5 @@
 """Split a finished run's errors into within-task and between-task ones (task-aware accuracy),
-and print its task-boundary diagnostics (results.json 'boundaries', sdlora_ds/diagnostics.py):
+and print its task-boundary diagnostics (results.json 'boundaries', sdlora_ds/boundaries.py):
 
     sdlora-diagnose --run runs/NAME [--json out.json] [--boundaries-only]
 
@@ -12,7 +12,8 @@ import os
 import sys
 
 from sdlora_ds.diagnose import diagnose_run, format_diagnosis
-from sdlora_ds.diagnostics import format_boundaries
+from sdlora_ds.errors import run_cli
+from sdlora_ds.boundaries import format_boundaries
 
 
 def main(argv=None) -> int:
@@ -22,20 +23,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--boundaries-only", action="store_true",
                         help="print the boundary diagnostics of results.json only (no evaluation pass)")
-    args = parser.parse_args(argv)
+    return run_cli(_diagnose, parser.parse_args(argv))
+
+
+def _diagnose(args) -> None:
     results = os.path.join(args.run, "results.json")
     if not os.path.isfile(results):
-        print(f"error: {results} not found; --run takes the folder of a finished run", file=sys.stderr)
-        return 2
+        raise ValueError(f"{results} not found; --run takes the folder of a finished run")
     with open(results) as f:
         boundaries = json.load(f).get("boundaries")
     d = {}
     if not args.boundaries_only:
-        try:
-            d = diagnose_run(args.run, batch_size=args.batch)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        d = diagnose_run(args.run, batch_size=args.batch)
         print(format_diagnosis(d))
     if boundaries is None:
         print("task boundaries: not recorded (the run predates the boundary diagnostics)")
@@ -45,7 +44,6 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(d, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

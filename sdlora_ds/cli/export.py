@@ -1,6 +1,6 @@
 """Export a finished run as a transformers image-classification folder:
 
-    sdlora-export --run runs/NAME --out exported/NAME    (or: python launch/export.py ...)
+    sdlora-export --run runs/NAME --out exported/NAME
 
 Works from any directory: a relative backbone.path in the run's config.json (as given to training)
 is looked up in the folder training ran in (the run folder minus output_dir/name: for runs/NAME,
@@ -11,6 +11,7 @@ final_model.pt confirms the weights. A mistake (no such run, backbone not found 
 import argparse
 import sys
 
+from sdlora_ds.errors import run_cli
 from sdlora_ds.export import export_run
 
 
@@ -22,14 +23,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the check that the exported model's logits equal the trained model's")
     args = parser.parse_args(argv)
-    try:
-        out = export_run(args.run, args.out, verify=not args.no_verify)
-    except ValueError as e:  # user mistakes: one line naming the folder/field and the fix
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(_export, args)
+
+
+def _export(args) -> None:
+    out = export_run(args.run, args.out, verify=not args.no_verify)
     print(f"exported {args.run} -> {out} (load with AutoModelForImageClassification.from_pretrained or "
           f"pipeline('image-classification', model={out!r}))")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Compare methods over seeds: `sdlora-report` or `python launch/report.py --runs runs/sweep_X [more folders or results.json]
+"""Compare methods over seeds: `sdlora-report --runs runs/sweep_X [more folders or results.json]
 --out docs/compare_X [--label GROUP=TEXT ...] [--band minmax|std]`.
 
 Reads finished runs' results.json only (runs copied back from a cluster work the same), groups
@@ -9,6 +9,7 @@ summary.json, seen_accuracy.png and acc_matrix_<group>.png into --out. Logic: sd
 import argparse
 import sys
 
+from sdlora_ds.errors import run_cli
 from sdlora_ds.report import BANDS, write_report
 
 
@@ -19,19 +20,15 @@ def main(argv=None) -> int:
     ap.add_argument("--label", action="append", default=[], metavar="GROUP=TEXT",
                     help="display name of a group (default: from the config: SD-LoRA, SD-LoRA-RR, seq. LoRA, ...)")
     ap.add_argument("--band", choices=BANDS, default="minmax", help="band over seeds in the accuracy plot")
-    a = ap.parse_args(argv)
+    return run_cli(_report, ap.parse_args(argv))
+
+
+def _report(a) -> None:
     try:
         labels = dict(item.split("=", 1) for item in a.label)
     except ValueError:
-        print(f"error: --label expects GROUP=TEXT, got {a.label}", file=sys.stderr)
-        return 2
-    try:
-        written = write_report(a.runs, a.out, labels, a.band)
-    except ValueError as e:  # bad inputs: one line naming the file and the fix
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(written["markdown"])
-    return 0
+        raise ValueError(f"--label expects GROUP=TEXT, got {a.label}") from None
+    print(write_report(a.runs, a.out, labels, a.band)["markdown"])
 
 
 if __name__ == "__main__":

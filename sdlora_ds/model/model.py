@@ -27,7 +27,7 @@ class SDLoRAModel(IncrementalViT):
         self.magnitudes = Magnitudes()
         a = cfg.adapter
         self._wrap_targets(lambda linear: SDLoRALinear(linear, self.magnitudes, norm=a.norm, impl=a.impl))
-        self.boundary = None  # diagnostics of the last task boundary (set by start_task; diagnostics.py reads it)
+        self.boundary = None  # diagnostics of the last task boundary (set by start_task; boundaries.py reads it)
 
     # ------------------------------------------------------------------ tasks
     def _start_adapters(self, task: int, gen: torch.Generator) -> None:

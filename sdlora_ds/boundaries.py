@@ -111,7 +111,7 @@ class BoundaryRecorder:
 
 
 def format_boundaries(records: list) -> str:
-    """A plain-text table of the boundary records (launch/diagnose.py)."""
+    """A plain-text table of the boundary records (sdlora-diagnose)."""
     lines = []
     for rec in records:
         head = f"boundary {rec['task']} -> {rec['task'] + 1}"

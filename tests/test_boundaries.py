@@ -1,4 +1,4 @@
-"""Task-boundary diagnostics (sdlora_ds/diagnostics.py, SDLoRAModel's boundary record) against hand
+"""Task-boundary diagnostics (sdlora_ds/boundaries.py, SDLoRAModel's boundary record) against hand
 computations on a tiny model, the 'continuous' freeze, and the records of a real run."""
 import json
 import math
@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_config_dict
 from sdlora_ds.config import config_from_dict
-from sdlora_ds.diagnostics import (BoundaryRecorder, format_boundaries, projection_group, relative_change,
+from sdlora_ds.boundaries import (BoundaryRecorder, format_boundaries, projection_group, relative_change,
                                    summarize_adapters)
 from sdlora_ds.model import build_model
 
