@@ -12,6 +12,8 @@ import torch
 from data_fixtures import decode_ids, id_cfg, write_id_shards
 from sdlora_ds.data import BadDataError, ShardIndex, build_loader
 from sdlora_ds.data import reader as R
+from sdlora_ds.data.reader import ShardReadError
+from sdlora_ds.data.remote import ReadPolicy
 from sdlora_ds.data.source import ShardOpenError
 
 LAYOUT = {"train": [[(0, 9)], [(1, 4), (2, 7)], [(3, 11)]], "test": [[(0, 3), (1, 2)], [(2, 4), (3, 3)]]}
@@ -25,6 +27,16 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address):  # a reader closing early resets the connection
         pass
+
+
+FAST = ReadPolicy(retries=1, retry_wait=0.01, timeout=30)  # a failing read gives up at once
+
+
+@pytest.fixture(autouse=True)
+def _own_probe_token(monkeypatch):
+    """Each test its own launch for the node-shared probe result (probe.py)."""
+    import uuid
+    monkeypatch.setenv("SDLORA_PROBE_TOKEN", f"test-{uuid.uuid4()}")
 
 
 @pytest.fixture
@@ -102,17 +114,19 @@ def test_unopenable_url_is_one_line_naming_it(http_root, kind, tmp_path):
     template = {"http404": base + "/nope/{path}", "refused": "http://127.0.0.1:9/{path}",
                 "pipe_fails": "pipe:cat /nonexistent/{path}", "unknown_scheme": "s3://bucket/{path}"}[kind]
     with pytest.raises(ShardOpenError) as e:
-        ShardIndex.load(path, shard_url=template)
+        ShardIndex.load(path, shard_url=template, policy=FAST)
     msg = str(e.value)
     assert "\n" not in msg and template.replace("{path}", "") in msg
     assert {"http404": "HTTP error", "refused": "could not connect", "pipe_fails": "exit status 1",
             "unknown_scheme": "pipe:aws s3 cp"}[kind] in msg
     if kind == "unknown_scheme":
         return
-    # unprobed (e.g. the server went away mid-run): the worker stops with the same one line
+    # unprobed (e.g. the server went away mid-run): the worker stops with one line naming it, bad
+    # data whatever the tolerance (exit 2 in a run)
     index = ShardIndex.load(path, shard_url=template, probe=False)
-    with pytest.raises(ShardOpenError, match="cannot open shard '" + template.split("{")[0]):
-        _epoch(index, id_cfg(bad_sample_tolerance=100), "train", True, world=1)
+    with pytest.raises(ShardReadError, match="cannot read shard '" + template.split("{")[0]) as e:
+        _epoch(index, id_cfg(bad_sample_tolerance=100, retries=1, retry_wait=0.01), "train", True, world=1)
+    assert "\n" not in str(e.value)
 
 
 def test_bad_sample_named_by_url(http_root):
@@ -141,7 +155,11 @@ def test_truncated_stream_is_bad_data_not_an_open_error(http_root):
     index = ShardIndex.load(path, shard_url=base + "/{path}")
     with pytest.raises(BadDataError, match="test-000000.tar"):
         _epoch(index, id_cfg(), "test", False, world=1, classes=(0, 1))
-    out = _epoch(index, id_cfg(bad_sample_tolerance=20), "test", False, world=2, classes=(0, 1))
+    # tolerated samples do not excuse the shard's bytes: with data.verify_checksums they differ from the index's
+    with pytest.raises(ShardReadError, match="test-000000.tar' has sha256 .* the index says"):
+        _epoch(index, id_cfg(bad_sample_tolerance=20), "test", False, world=1, classes=(0, 1))
+    out = _epoch(index, id_cfg(bad_sample_tolerance=20, verify_checksums=False), "test", False, world=2,
+                 classes=(0, 1))
     assert [len(r) for r in out] == [2, 2]
 
 
