@@ -105,6 +105,8 @@ class _Http:
         except (OSError, HTTPException) as e:
             raise _Transient(_net_reason(e)) from None
         self.skip = offset
+        length = self.resp.headers.get("Content-Length")
+        self.left = int(length) if length and length.isdigit() else None  # None: the server did not say
         if offset and self.resp.status == 206:
             start = self.resp.headers.get("Content-Range", "").partition(" ")[2].partition("-")[0]
             if start != str(offset):
@@ -115,12 +117,18 @@ class _Http:
 
     def read(self, n: int) -> bytes:
         try:
-            return self.resp.read(n)
+            data = self.resp.read(n)
         except IncompleteRead as e:
             raise _Transient(f"the body ended early ({len(e.partial)} bytes of the last part, "
                              f"{e.expected} announced bytes missing): the connection broke") from None
         except (OSError, HTTPException) as e:
             raise _Transient(_net_reason(e)) from None
+        if self.left is not None:
+            if not data and self.left:  # http.client's read(n) returns b"" on a body cut short
+                raise _Transient(f"the body ended {self.left} bytes short of its Content-Length: the connection "
+                                 f"broke")
+            self.left -= len(data)
+        return data
 
     def close(self) -> None:
         try:
@@ -133,8 +141,8 @@ class _Opened:
     """Any other opener of webdataset (a subprocess for pipe:, sftp, ...), read without blocking for
     longer than the timeout; the command's exit status is checked at the end of its output."""
 
-    def __init__(self, location: str, timeout: float):
-        self.timeout, self.skip = timeout, 0
+    def __init__(self, location: str, offset: int, timeout: float):
+        self.timeout, self.skip = timeout, offset  # the command starts at byte 0: drop what was delivered
         try:
             self.stream = wds_gopen.gopen(location, "rb")
         except Exception as e:  # noqa: BLE001 - gopen raises OSError, ValueError, ...
@@ -207,7 +215,7 @@ class RemoteStream:
     def _open(self):
         url = wds_gopen.rewrite_url(self.location)
         http = scheme(url) in ("http", "https")
-        src = _Http(url, self.pos, self.policy.timeout) if http else _Opened(url, self.policy.timeout)
+        src = _Http(url, self.pos, self.policy.timeout) if http else _Opened(url, self.pos, self.policy.timeout)
         while src.skip:  # a reopened stream (or a server ignoring Range) starts at byte 0: drop what we have
             data = src.read(min(src.skip, CHUNK))
             if not data:
@@ -264,7 +272,7 @@ class RemoteStream:
     def _final(self, reason: str) -> str:
         if len(self.tries) > 1:
             tried = (f"{len(self.tries)} tries in {time.monotonic() - self._t0:.0f} s (data.retries="
-                     f"{self.policy.retries}, data.retry_wait={self.policy.retry_wait:g}), resumed from the byte "
+                     f"{self.policy.retries}, data.retry_wait={self.policy.retry_wait:g}), each retry from the byte "
                      f"reached; first {self.tries[0]}, last {self.tries[-1]}")
         elif self.tries:
             tried = f"{self.tries[0]} (after {self.retried} retries)"
