@@ -80,6 +80,7 @@ class Trainer:
         cfg = self.cfg
         self.schedule = TaskSchedule.from_config(cfg.cil)
         # Bad inputs fail here, before the model is built or any training starts.
+        self.retries_before = retry_count()  # results.json counts this launch's retries (tests run several)
         self.index = ShardIndex.load(cfg.data.index, verify_checksums=cfg.data.verify_checksums,
                                      shard_url=cfg.data.shard_url, policy=ReadPolicy.from_config(cfg.data, self.rank))
         self.index.check_against(cfg.cil.num_classes, [cfg.data.train_split, cfg.data.test_split])
@@ -476,7 +477,8 @@ class Trainer:
                    "kernel_selfcheck": selfcheck.results(), "loss_log": st.loss_log,
                    "boundaries": self.boundaries.records, "magnitude_log": st.magnitude_log, "config": config}
         # remote reads retried in this launch, all ranks (sdlora_ds/data/remote.py; 0 with local shards)
-        results["data_read_retries"] = int(sum_across_ranks(self.acc, torch.tensor([retry_count()]))[0])
+        retried = torch.tensor([retry_count() - self.retries_before])
+        results["data_read_retries"] = int(sum_across_ranks(self.acc, retried)[0])
         final_model = S.plain_model(self.model, self.fingerprint, self.is_main,  # collective under ZeRO-3
                                     self.plain_copy)  # None on ranks other than 0 there
         if self.is_main:

@@ -8,6 +8,7 @@ GETs of that path; a GET with no fault left is served whole:
     '503'    HTTP 503 Service Unavailable
     'stall'  headers and `cut_at` of the body, then nothing until the server stops
     'alter'  the whole body with byte 700 changed (served for every GET while listed; not used up)
+    'ok'     served whole (e.g. ['ok', '503', ...]: the probe passes, the reads then fail)
 
 `honor_range`: answer `Range: bytes=N-` with 206 and the rest of the file (False: ignore it and
 answer 200 with the whole body, as Python's http.server does). `requests` records (path, Range
@@ -72,6 +73,8 @@ class FaultServer:
             h.send_error(404)
             return
         fault = self._fault(path)
+        if fault == "ok":
+            fault = None
         if fault == "503":
             self._record(path, rng, 503)
             h.send_error(503)
