@@ -42,7 +42,8 @@ TRAIN_STATE_KEYS = frozenset(TrainState().state_dict())  # trainer.json's keys t
 # Config fields a resumed run may change: where things are and how often to log or save; nothing
 # that changes what is computed. (backbone.path may move: the weights' fingerprint must still match.)
 RESUME_MAY_DIFFER = {"name", "output_dir", "backbone.path", "backbone.weights_name", "data.index", "data.num_workers",
-                     "data.cache_task", "data.verify_checksums", "data.bad_sample_tolerance", "train.log_every",
+                     "data.cache_task", "data.verify_checksums", "data.bad_sample_tolerance", "data.retries",
+                     "data.retry_wait", "data.read_timeout", "train.log_every",
                      "train.eval_batch", "train.checkpoint_every", "train.keep_checkpoints", "dist.timeout_s",
                      "dist.mixed_precision"}  # the RESOLVED precision must match (checked separately)
 
