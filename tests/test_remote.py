@@ -155,3 +155,12 @@ def test_read_policy_config_fields():
     import random
     waits = [p.wait(i, random.Random(0)) for i in range(1, 10)]
     assert 1.0 <= waits[0] <= 1.25 and 2.0 <= waits[1] <= 2.5 and all(w <= 75.0 for w in waits)
+
+
+def test_a_page_that_is_not_a_tar_is_bad_data_naming_the_url(shards):
+    root, path, *_ = shards
+    with FaultServer(root) as srv:
+        index = ShardIndex.load(path, shard_url=srv.base + "/{path}")
+        open(os.path.join(root, TRAIN[1].lstrip("/")), "wb").write(b"<html>maintenance</html>\n" * 40)
+        with pytest.raises(ShardReadError, match=f"cannot open shard '{srv.base}{TRAIN[1]}'.*tar t"):
+            epoch_batches(index, cfg(), "train", True, world=1)

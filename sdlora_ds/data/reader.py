@@ -130,8 +130,8 @@ def scan_shard(si: int, sh: ShardRef, keep: frozenset, num_classes: int, want: C
     except RemoteReadFailed as e:
         raise ShardReadError(str(e)) from None
     except (OSError, tarfile.TarError, EOFError) as e:
-        if not started and remote:  # nothing came: the download or command failed
-            raise open_failure(sh.path, stream, e) from None
+        if not started and remote:  # bytes came, but no tar (e.g. an error page served with 200)
+            raise ShardReadError(str(open_failure(sh.path, stream, e))) from None
         on_bad(sh.path, group or "<start>", f"tar unreadable after this key: {e}")
     finally:
         _close(stream)
