@@ -124,7 +124,7 @@ class _Http:
         except (OSError, HTTPException) as e:
             raise _Transient(_net_reason(e)) from None
         if self.left is not None:
-            if not data and self.left:  # http.client's read(n) returns b"" on a body cut short
+            if not data and self.left:  # http.client returns b"" (no IncompleteRead) for a body cut short
                 raise _Transient(f"the body ended {self.left} bytes short of its Content-Length: the connection "
                                  f"broke")
             self.left -= len(data)

@@ -117,9 +117,10 @@ def _why(stream, err: Optional[BaseException]) -> str:
 
 
 def open_shard(location: str):
-    """A readable binary stream of the shard (seekable for local files). ShardOpenError if the
-    opener itself fails (missing file, unknown scheme); a pipe or URL that fails after starting
-    shows up as an empty stream, which the reader reports through `open_failure`."""
+    """A readable binary stream of the shard through webdataset's gopen (seekable for local files;
+    the reader opens remote locations with remote.RemoteStream instead). ShardOpenError if the
+    opener itself fails (missing file, unknown scheme); a stream that gives no tar is reported
+    through `open_failure`."""
     check_scheme(location, "shard")
     try:
         return wds_gopen.gopen(location, "rb")
