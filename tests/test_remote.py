@@ -132,6 +132,30 @@ def test_pipe_is_rerun_and_skips_what_it_delivered(shards, tmp_path):
         epoch_batches(index, cfg(retries=1), "train", True, world=1)
 
 
+def test_a_stalled_pipe_times_out_and_is_rerun(shards, tmp_path):
+    """The command goes quiet after part of the shard (the first time): after data.read_timeout
+    without a byte it is killed and run again."""
+    root, path, want_train, _ = shards
+    script = tmp_path / "stall.sh"
+    script.write_text('f="$1"; m="$f.stalled"\nif [ -e "$m" ]; then cat "$f"; else touch "$m"; '
+                      'head -c 3000 "$f"; sleep 6017; fi\n')
+    one = TRAIN[1].lstrip("/")
+    index = ShardIndex.load(path, shard_url=f"pipe:sh {script} {root}/{{path}}", probe=False)
+    for other in ("train/train-000000.tar", "train/train-000002.tar", "test/test-000000.tar", "test/test-000001.tar"):
+        open(os.path.join(root, other + ".stalled"), "w").close()  # only `one` stalls
+    before = retry_count()
+    assert epoch_batches(index, cfg(read_timeout=2.0), "train", True) == want_train
+    assert retry_count() - before == 1 and os.path.exists(os.path.join(root, one + ".stalled"))
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p) == "sleep\x006017"]  # killed, not orphaned
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline").read().rstrip("\0")
+    except OSError:
+        return ""
+
+
 def test_index_json_read_over_http(shards):
     """data.index may be a URL: relative shard paths are then relative to its folder; a 503 is retried."""
     root, path, want_train, _ = shards

@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import random
 import select
+import signal
 import socket
 import time
 import urllib.error
@@ -174,9 +175,25 @@ class _Opened:
             return
         # not Pipe.close: it waits for the command (up to 2 h for a stalled one) and raises on SIGPIPE
         self.pipe.stream.close()
-        if self.pipe.proc.poll() is None:
-            self.pipe.proc.kill()
-        self.pipe.status = self.pipe.proc.wait()
+        proc = self.pipe.proc
+        if proc.poll() is None:  # stalled or no longer wanted: the shell and what it started
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.pipe.status = proc.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Processes started by `pid` and theirs (Linux /proc; [] elsewhere): a pipe: command runs in a
+    shell, and killing the shell alone would leave a stalled command running."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except (OSError, ValueError):
+        return []
+    return [d for k in kids for d in (*_descendants(k), k)]
 
 
 def _net_reason(e) -> str:
