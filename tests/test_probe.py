@@ -8,7 +8,7 @@ import pytest
 from data_fixtures import write_id_shards
 from fault_http import FaultServer
 from sdlora_ds.data import ShardIndex
-from sdlora_ds.data.probe import TOKEN_ENV, _started, launch_token
+from sdlora_ds.data.probe import TOKEN_ENV, _started, launch_token, result_path
 from sdlora_ds.data.remote import ReadPolicy
 from sdlora_ds.data.source import ShardOpenError
 
@@ -46,6 +46,14 @@ def test_probed_once_per_process(tmp_path):
         for _ in range(3):  # launch/run.py's check, the preflight, the Trainer: one probe
             ShardIndex.load(path, shard_url=srv.base + "/{path}")
         assert len(srv.gets()) == 3  # one GET per remote shard
+        # a result left half-written (a process killed while writing it) is probed again
+        index = ShardIndex.load(path, shard_url=srv.base + "/{path}", probe=False)
+        locations = [loc for s in index.splits for loc in index.shard_paths(s, range(2))]
+        open(result_path(launch_token(), locations), "w").write('{"tok')
+        ShardIndex.load(path, shard_url=srv.base + "/{path}")
+        assert len(srv.gets()) == 6
+        ShardIndex.load(path, shard_url=srv.base + "/{path}")
+        assert len(srv.gets()) == 6
 
 
 def test_ranks_of_a_launch_share_one_probe(tmp_path):

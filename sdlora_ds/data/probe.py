@@ -45,6 +45,12 @@ def launch_token() -> str:
     return f"{pid}-{_started(pid)}"
 
 
+def result_path(token: str, remote: Sequence[str]) -> str:
+    """The node-local file holding the probe result of this launch and these locations."""
+    key = hashlib.sha256("\n".join([token, *remote]).encode()).hexdigest()[:24]
+    return os.path.join(tempfile.gettempdir(), f"sdlora-probe-{os.getuid()}-{key}.json")
+
+
 def probe_one(location: str, policy: ReadPolicy) -> Optional[str]:
     """None if the location gives a tar's first header, else the error line."""
     stream = RemoteStream(location, policy)
@@ -87,16 +93,15 @@ def probe(locations: Sequence[str], policy: ReadPolicy = ReadPolicy(), threads: 
     if not remote:
         return
     token = launch_token()
-    key = hashlib.sha256("\n".join([token, *remote]).encode()).hexdigest()[:24]
-    path = os.path.join(tempfile.gettempdir(), f"sdlora-probe-{os.getuid()}-{key}.json")
-    with open(path, "a+") as f:
+    with open(result_path(token, remote), "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released on close: the others wait here for the first one's result
         f.seek(0)
-        text = f.read()
-        if text:
-            error = json.loads(text)["error"]
-        else:
+        try:
+            error = json.loads(f.read())["error"]
+        except (ValueError, KeyError, TypeError):  # empty (the first here), or left half-written by a killed process
             error = _probe_all(remote, policy, threads)
+            f.seek(0)
+            f.truncate()
             f.write(json.dumps({"token": token, "shards": len(remote), "error": error}))
             f.flush()
     os.environ[TOKEN_ENV] = token  # processes this one starts (the ranks of a launch) share the result
