@@ -61,7 +61,8 @@ def test_ranks_of_a_launch_share_one_probe(tmp_path):
     path, _ = write_id_shards(root, LAYOUT, num_classes=2)
     with FaultServer(root) as srv:
         out = _ranks(path, srv.base + "/{path}")
-        assert [o[1] for o in out] == ["ok", "ok"] and out[0][2] == out[1][2] == f"{os.getpid()}-{_started(os.getpid())}"  # the parent: this process
+        parent = f"{os.getpid()}-{_started(os.getpid())}"  # the launcher: this process
+        assert [o[1] for o in out] == ["ok", "ok"] and out[0][2] == out[1][2] == parent
         assert sorted(r[0] for r in srv.gets()) == ["/test/test-000000.tar", "/train/train-000000.tar",
                                                     "/train/train-000001.tar"]
         # a failure is shared as well: one rank asks, both stop with the same line

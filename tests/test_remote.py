@@ -146,7 +146,8 @@ def test_a_stalled_pipe_times_out_and_is_rerun(shards, tmp_path):
     before = retry_count()
     assert epoch_batches(index, cfg(read_timeout=2.0), "train", True) == want_train
     assert retry_count() - before == 1 and os.path.exists(os.path.join(root, one + ".stalled"))
-    assert not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p) == "sleep\x006017"]  # killed, not orphaned
+    orphans = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p) == "sleep\x006017"]
+    assert not orphans  # the stalled command was killed with its shell
 
 
 def _cmdline(pid: str) -> str:

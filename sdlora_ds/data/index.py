@@ -152,7 +152,8 @@ class ShardIndex:
             with open(path) as f:
                 return json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"shard index {path!r} is not readable JSON ({e}); {converter_hint(path, clues)}") from None
+            raise ValueError(f"shard index {path!r} is not readable JSON ({e}); "
+                             f"{converter_hint(path, clues)}") from None
 
     @staticmethod
     def _check_structure(raw: dict, path: str, fix: str) -> None:
