@@ -16,9 +16,14 @@ at conversion); then times one training epoch of decode + SPEC train augmentatio
                      at reduced DCT scale when the crop allows it, only the crop region resampled;
                      local tars opened with webdataset's gopen and walked seekable (the default)
   shards_stream      the same through webdataset's tar iteration on the local files (every byte read)
-  shards_http        the same from a local HTTP server on 127.0.0.1 (webdataset's curl opener; the
-                     server and curl run in other processes: with --workers 0 their CPU time is
-                     not counted, only the timed process's reading of the stream)
+  shards_http        the same from a local HTTP server on 127.0.0.1 (python -m http.server in another
+                     process: its CPU time is not counted), read by sdlora_ds/data/remote.py:
+                     urllib in the timed process, retry/resume bookkeeping, sha256 of every byte
+  shards_http_nohash the same with data.verify_checksums off (no sha256)
+  shards_http_before (--before-rev REV) REV's loader on the same server: webdataset's curl opener
+                     (curl's CPU time, in its own process, is not counted with --clock cpu), no
+                     hashing, no retries; shards_http / shards_http_before is the cost of the
+                     retry and hashing machinery on the healthy path ("http_machinery_ratio")
   shards_before      (--before-rev REV) the loader as it was at git revision REV (e.g. the seek-only
                      reader with the shard-by-shard order), on the same shards
   --world N          time rank 0 of N simulated ranks (a worker reads 1/N of the samples: what
@@ -222,7 +227,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--before-rev", default=None, metavar="REV",
                     help="also time the loader of this git revision (shards_before)")
     ap.add_argument("--world", type=int, default=1, help="simulated ranks; rank 0 is timed")
-    ap.add_argument("--no-http", action="store_true", help="skip the HTTP variant")
+    ap.add_argument("--no-http", action="store_true", help="skip the HTTP variants")
+    ap.add_argument("--only", nargs="*", default=None, metavar="VARIANT",
+                    help="time only these variants (imagefolder, the ratios' base, is always timed)")
     add_timing_args(ap)
     a = ap.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -257,14 +264,18 @@ def main(argv=None) -> dict:
         kw = dict(split="train", class_ids=classes, train=True, batch_size=a.batch, rank=0, world_size=a.world,
                   num_workers=a.workers)
 
-        def shards(ix, decode, build=build_loader):
-            c = DataConfig(index=ix.path, num_workers=a.workers, decode=decode)
+        def shards(ix, decode, build=build_loader, **over):
+            c = DataConfig(index=ix.path, num_workers=a.workers, decode=decode, **over)
             return lambda e: build(ix, c, seed=0, epoch=e, **kw)
         stop_http = None
         extra = {"shards_stream": _Streamed(shards(index, "cpu"))}
         if not a.no_http:
             base, stop_http = serve(os.path.join(work, "shards"))
-            extra["shards_http"] = shards(ShardIndex.load(idx_full, shard_url=base + "/{path}"), "cpu")
+            http = ShardIndex.load(idx_full, shard_url=base + "/{path}")
+            extra["shards_http"] = shards(http, "cpu")
+            extra["shards_http_nohash"] = shards(http, "cpu", verify_checksums=False)
+            if a.before_rev:
+                extra["shards_http_before"] = shards(http, "cpu", load_revision(a.before_rev))
         if a.before_rev:
             extra["shards_before"] = shards(index, "cpu", load_revision(a.before_rev))
         variants = {"imagefolder": lambda e: folder(build_reference_transform(cfg, train=True)),
@@ -274,6 +285,8 @@ def main(argv=None) -> dict:
                     **{f"shards_resized{n}": shards(ix, "cpu") for n, ix in resized.items()}}
         if a.device.startswith("cuda"):
             variants["cuda"] = shards(index, "cuda")
+        if a.only is not None:
+            variants = {k: v for k, v in variants.items() if k == "imagefolder" or k in a.only}
         for p in [os.path.join(dp, f) for dp, _, fs in os.walk(work) for f in fs]:  # warm the page cache
             with open(p, "rb") as f:
                 f.read()
@@ -307,6 +320,11 @@ def main(argv=None) -> dict:
     for k, v in rate.items():
         print(f"  {k:18s} {v:8.1f} img/s per worker   x{v / rate['imagefolder']:.2f} vs imagefolder"
               + (f"   x{v / rate['shards_before']:.3f} vs shards_before" if "shards_before" in rate else ""))
+    machinery = {}
+    for k, base in (("http_machinery_ratio", "shards_http_before"), ("http_hash_ratio", "shards_http_nohash")):
+        if "shards_http" in rate and base in rate:  # rate ratio: 0.97 = 3% slower per worker
+            machinery[k] = round(rate["shards_http"] / rate[base], 3)
+            print(f"  {k}: shards_http / {base} = {machinery[k]:.3f} (img/s per worker)")
     print("  bare decode, ms per image: " + ", ".join(f"{k} {v}" for k, v in dec.items()))
     for k, v in fid.items():
         print(f"  vs reference, {k}: mean |diff| {v['mean_abs_diff']}, sharpness ratio {v['sharpness_ratio']}")
@@ -318,7 +336,7 @@ def main(argv=None) -> dict:
               "ips_per_worker": {k: round(v, 1) for k, v in rate.items()},
               **{f"{k}_over_imagefolder": round(v / rate["imagefolder"], 3) for k, v in rate.items()
                  if k != "imagefolder"},
-              "shard_mib": {k: round(v / 2**20, 1) for k, v in sizes.items()}, "fidelity": fid,
+              **machinery, "shard_mib": {k: round(v / 2**20, 1) for k, v in sizes.items()}, "fidelity": fid,
               "decode_ms": dec}
     line = json.dumps(result)
     print(line)

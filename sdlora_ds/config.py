@@ -227,7 +227,7 @@ class CILConfig:
 class DataConfig:
     index: str = ""
     """Path of the shard index JSON written by a converter in shards/ (relative paths are taken from
-    the current directory)."""
+    the current directory), or its URL (read like the shards, with the same retries)."""
     shard_url: str = ""
     """Where the shards are read from: a template, '{path}' = a shard's path as the index lists it,
     opened with webdataset's openers, e.g. 'https://host/imagenet-r/{path}' or 'pipe:aws s3 cp
@@ -261,8 +261,19 @@ class DataConfig:
     bad_sample_tolerance: int = 0
     """Corrupt or unreadable samples tolerated before the run stops with a report."""
     verify_checksums: bool = True
-    """Check every local shard's sha256 against the index before training (remote shards, see
-    shard_url, are opened and their first header read instead; their bytes are not hashed)."""
+    """Check every shard's sha256 against the index: local shards before training, remote ones (see
+    shard_url) while they stream, when each read reaches the shard's end (a mismatch stops the run
+    like bad data)."""
+    retries: int = 5
+    """Retries of a remote read that fails for a reason that may pass (connection refused or reset,
+    timeout, HTTP 5xx, a short body, a pipe: command's non-zero exit); each continues at the byte
+    reached. 0 = fail at the first error."""
+    retry_wait: float = 1.0
+    """Seconds before the first retry; doubled for each further one (at most 60 s each), so the
+    defaults wait about 31 s in all before the run stops."""
+    read_timeout: float = 60.0
+    """Seconds a remote read may go without receiving any data before the attempt counts as failed
+    (and is retried)."""
     decode: str = "cpu"
     """Where images are decoded and augmented: 'cpu' (DataLoader workers; JPEGs at reduced DCT scale
     when the crop allows it), 'cuda' (workers read bytes; nvjpeg decode + augmentation on the GPU;
@@ -295,6 +306,12 @@ class DataConfig:
             _fail(f"{p}.shuffle_buffer", self.shuffle_buffer, "must be >= 1")
         if self.bad_sample_tolerance < 0:
             _fail(f"{p}.bad_sample_tolerance", self.bad_sample_tolerance, "must be >= 0")
+        if self.retries < 0:
+            _fail(f"{p}.retries", self.retries, "must be >= 0 (0 = no retry)")
+        if self.retry_wait < 0:
+            _fail(f"{p}.retry_wait", self.retry_wait, "must be >= 0 seconds")
+        if self.read_timeout <= 0:
+            _fail(f"{p}.read_timeout", self.read_timeout, "must be > 0 seconds")
         if self.decode not in ("cpu", "cuda", "reference"):
             _fail(f"{p}.decode", self.decode, "allowed: 'cpu', 'cuda', 'reference'")
 

@@ -8,7 +8,7 @@ Both are dotted config field names (sdlora_ds/config.py documents each field).
 - RESUME_MAY_DIFFER: fields a resumed run may change against its checkpoint's config (resume.py
   refuses a difference in any other field, naming it): every non-computing field, plus the run's
   name, the weights' display name, how the data is read (caching, checksum verification, the
-  bad-sample tolerance), the evaluation batch, and dist.mixed_precision as written (the RESOLVED
+  bad-sample tolerance, how remote reads are retried), the evaluation batch, and dist.mixed_precision as written (the RESOLVED
   precision must match: resume.py checks it separately). The sweep's list is the narrower one, as
   each was before they met here.
 """
@@ -23,6 +23,7 @@ NON_COMPUTING = frozenset({
 RESUME_MAY_DIFFER = NON_COMPUTING | frozenset({
     "name", "backbone.weights_name",
     "data.cache_task", "data.verify_checksums", "data.bad_sample_tolerance",
+    "data.retries", "data.retry_wait", "data.read_timeout",  # how a remote read is retried, not what it reads
     "train.eval_batch",
     "dist.mixed_precision",  # the RESOLVED precision must match (checked separately)
 })

@@ -50,8 +50,9 @@ def check(cfg: RunConfig, resume, world_size: int = 1) -> None:
     if b.source == "pretrained" and b.path and not os.path.exists(b.path):
         raise missing_backbone_path(b)
     from sdlora_ds.data.index import ShardIndex
+    from sdlora_ds.data.remote import ReadPolicy
     index = ShardIndex.load(cfg.data.index, verify_checksums=False, clues=[cfg.name],
-                            shard_url=cfg.data.shard_url)
+                            shard_url=cfg.data.shard_url, policy=ReadPolicy.from_config(cfg.data))
     index.check_against(cfg.cil.num_classes, [cfg.data.train_split, cfg.data.test_split])
     if resume not in (None, "auto") and not os.path.isdir(resume):
         raise ValueError(f"--resume {resume!r}: no such checkpoint folder{where(resume)}; use --resume auto or "

@@ -33,6 +33,7 @@ from .cil import TaskSchedule
 from .config import RunConfig, config_to_dict
 from .data import ShardIndex, build_loader
 from .boundaries import BoundaryRecorder
+from .data.remote import ReadPolicy, retry_count
 from .distributed import (ParentWatch, PeerMonitor, configure_deepspeed_batch, gathered, held_elements,
                           lock_run_folder, make_accelerator, merged_eval, plain_construction, sum_across_ranks,
                           under_launcher, uses_deepspeed, zero_stage)
@@ -80,8 +81,9 @@ class Trainer:
         cfg = self.cfg
         self.schedule = TaskSchedule.from_config(cfg.cil)
         # Bad inputs fail here, before the model is built or any training starts.
+        self.retries_before = retry_count()  # results.json counts this launch's retries (tests run several)
         self.index = ShardIndex.load(cfg.data.index, verify_checksums=cfg.data.verify_checksums,
-                                     shard_url=cfg.data.shard_url)
+                                     shard_url=cfg.data.shard_url, policy=ReadPolicy.from_config(cfg.data, self.rank))
         self.index.check_against(cfg.cil.num_classes, [cfg.data.train_split, cfg.data.test_split])
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg)  # cfg.method: 'sdlora' or a baseline
@@ -475,6 +477,9 @@ class Trainer:
                    "task_seconds": st.task_times, "events": self.model.events,
                    "kernel_selfcheck": selfcheck.results(), "loss_log": st.loss_log,
                    "boundaries": self.boundaries.records, "magnitude_log": st.magnitude_log, "config": config}
+        # remote reads retried in this launch, all ranks (sdlora_ds/data/remote.py; 0 with local shards)
+        retried = torch.tensor([retry_count() - self.retries_before])
+        results["data_read_retries"] = int(sum_across_ranks(self.acc, retried)[0])
         final_model = S.plain_model(self.model, self.fingerprint, self.is_main,  # collective under ZeRO-3
                                     self.plain_copy)  # None on ranks other than 0 there
         if self.is_main:

@@ -55,3 +55,11 @@ def _same_thread_count_for_every_test():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _own_probe_token(monkeypatch):
+    """Every test is its own launch for the node-shared probe of remote shards (sdlora_ds/data/probe.py):
+    a probe result of an earlier test in this process is not reused."""
+    import uuid
+    monkeypatch.setenv("SDLORA_PROBE_TOKEN", f"test-{uuid.uuid4()}")

@@ -37,6 +37,19 @@ def decode_ids(images: torch.Tensor) -> list[int]:
     return (hi * 256 + lo).tolist()
 
 
+def epoch_batches(index, cfg, split, train, world=2, workers=0, classes=(0, 1, 2, 3), **kw) -> list:
+    """Every rank's batches of one epoch (seed 4, epoch 1, batch 3), as (sample ids, labels) lists."""
+    from sdlora_ds.data import build_loader
+    out = []
+    for r in range(world):
+        loader = build_loader(index, cfg, split=split, class_ids=list(classes), train=train, batch_size=3, rank=r,
+                              world_size=world, seed=4, epoch=1, num_workers=workers, **kw)
+        batches = [(decode_ids(x), y.tolist()) for x, y in loader]
+        assert len(batches) == len(loader)
+        out.append(batches)
+    return out
+
+
 def id_cfg(**over) -> DataConfig:
     base = dict(index="x", image_size=16, test_resize=16, interpolation="nearest", train_scale=[1.0, 1.0],
                 train_ratio=[1.0, 1.0], hflip=False, num_workers=0, shuffle_buffer=50)

@@ -9,9 +9,11 @@ import threading
 import pytest
 import torch
 
-from data_fixtures import decode_ids, id_cfg, write_id_shards
+from data_fixtures import decode_ids, epoch_batches, id_cfg, write_id_shards
 from sdlora_ds.data import BadDataError, ShardIndex, build_loader
 from sdlora_ds.data import reader as R
+from sdlora_ds.data.reader import ShardReadError
+from sdlora_ds.data.remote import ReadPolicy
 from sdlora_ds.data.source import ShardOpenError
 
 LAYOUT = {"train": [[(0, 9)], [(1, 4), (2, 7)], [(3, 11)]], "test": [[(0, 3), (1, 2)], [(2, 4), (3, 3)]]}
@@ -25,6 +27,9 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address):  # a reader closing early resets the connection
         pass
+
+
+FAST = ReadPolicy(retries=1, retry_wait=0.01, timeout=30)  # a failing read gives up at once
 
 
 @pytest.fixture
@@ -43,24 +48,13 @@ def http_root(tmp_path):
         thread.join(5)
 
 
-def _epoch(index, cfg, split, train, world=2, workers=0, classes=(0, 1, 2, 3), **kw):
-    out = []
-    for r in range(world):
-        loader = build_loader(index, cfg, split=split, class_ids=list(classes), train=train, batch_size=3, rank=r,
-                              world_size=world, seed=4, epoch=1, num_workers=workers, **kw)
-        batches = [(decode_ids(x), y.tolist()) for x, y in loader]
-        assert len(batches) == len(loader)
-        out.append(batches)
-    return out
-
-
 @pytest.mark.parametrize("kind", ["http", "pipe", "file", "stream_local"])
 def test_urls_give_the_same_batches_as_local_paths(http_root, kind, monkeypatch):
     root, base = http_root
     path, truth = write_id_shards(root, LAYOUT, num_classes=4)
     local = ShardIndex.load(path, verify_checksums=True)
-    want_train = _epoch(local, id_cfg(), "train", True)
-    want_test = _epoch(local, id_cfg(), "test", False)
+    want_train = epoch_batches(local, id_cfg(), "train", True)
+    want_test = epoch_batches(local, id_cfg(), "test", False)
     template = {"http": base + "/{path}", "pipe": f"pipe:cat {root}/{{path}}", "file": f"file:{root}/{{path}}",
                 "stream_local": ""}[kind]
     if kind == "stream_local":  # local files through webdataset's tar iteration instead of the seek path
@@ -69,8 +63,8 @@ def test_urls_give_the_same_batches_as_local_paths(http_root, kind, monkeypatch)
     cfg = id_cfg()  # the loader reads where the index was told (ShardIndex.load(shard_url=))
     if template:
         assert index.shard_paths("train", [3], template)[0] == template.replace("{path}", "train/train-000002.tar")
-    assert _epoch(index, cfg, "train", True, workers=2) == want_train
-    test = _epoch(index, cfg, "test", False)
+    assert epoch_batches(index, cfg, "train", True, workers=2) == want_train
+    test = epoch_batches(index, cfg, "test", False)
     assert test == want_test
     real = sorted(i for rank in test for ids, ys in rank for i, y in zip(ids, ys) if y >= 0)
     assert real == sorted(truth["test"])  # exactly once over the ranks
@@ -81,7 +75,7 @@ def test_urls_written_in_the_index(http_root):
     import json
     root, base = http_root
     path, _ = write_id_shards(root, LAYOUT, num_classes=4)
-    want = _epoch(ShardIndex.load(path), id_cfg(), "train", True)
+    want = epoch_batches(ShardIndex.load(path), id_cfg(), "train", True)
     raw = json.load(open(path))
     for split, s in raw["splits"].items():
         for sh in s["shards"]:
@@ -91,8 +85,8 @@ def test_urls_written_in_the_index(http_root):
     moved = os.path.join(other, "index.json")
     json.dump(raw, open(moved, "w"))
     index = ShardIndex.load(moved, verify_checksums=True)  # nothing local to hash: loads
-    assert _epoch(index, id_cfg(), "train", True) == want
-    assert len([y for rk in _epoch(index, id_cfg(), "test", False) for _, ys in rk for y in ys if y >= 0]) == 12
+    assert epoch_batches(index, id_cfg(), "train", True) == want
+    assert len([y for rk in epoch_batches(index, id_cfg(), "test", False) for _, ys in rk for y in ys if y >= 0]) == 12
 
 
 @pytest.mark.parametrize("kind", ["http404", "refused", "pipe_fails", "unknown_scheme"])
@@ -102,17 +96,19 @@ def test_unopenable_url_is_one_line_naming_it(http_root, kind, tmp_path):
     template = {"http404": base + "/nope/{path}", "refused": "http://127.0.0.1:9/{path}",
                 "pipe_fails": "pipe:cat /nonexistent/{path}", "unknown_scheme": "s3://bucket/{path}"}[kind]
     with pytest.raises(ShardOpenError) as e:
-        ShardIndex.load(path, shard_url=template)
+        ShardIndex.load(path, shard_url=template, policy=FAST)
     msg = str(e.value)
     assert "\n" not in msg and template.replace("{path}", "") in msg
     assert {"http404": "HTTP error", "refused": "could not connect", "pipe_fails": "exit status 1",
             "unknown_scheme": "pipe:aws s3 cp"}[kind] in msg
     if kind == "unknown_scheme":
         return
-    # unprobed (e.g. the server went away mid-run): the worker stops with the same one line
+    # unprobed (e.g. the server went away mid-run): the worker stops with one line naming it, bad
+    # data whatever the tolerance (exit 2 in a run)
     index = ShardIndex.load(path, shard_url=template, probe=False)
-    with pytest.raises(ShardOpenError, match="cannot open shard '" + template.split("{")[0]):
-        _epoch(index, id_cfg(bad_sample_tolerance=100), "train", True, world=1)
+    with pytest.raises(ShardReadError, match="cannot read shard '" + template.split("{")[0]) as e:
+        epoch_batches(index, id_cfg(bad_sample_tolerance=100, retries=1, retry_wait=0.01), "train", True, world=1)
+    assert "\n" not in str(e.value)
 
 
 def test_bad_sample_named_by_url(http_root):
@@ -125,10 +121,10 @@ def test_bad_sample_named_by_url(http_root):
     path, _ = write_id_shards(root, {"train": [[(0, 6)], [(1, 6)]]}, num_classes=2, tamper={("train", 1): drop_cls})
     index = ShardIndex.load(path, shard_url=base + "/{path}")
     with pytest.raises(BadDataError) as e:
-        _epoch(index, id_cfg(), "train", True, world=1, classes=(0, 1))
+        epoch_batches(index, id_cfg(), "train", True, world=1, classes=(0, 1))
     assert f"{base}/train/train-000001.tar" in str(e.value) and "train_0001_" in str(e.value)
     assert "no .cls" in str(e.value)
-    batches = _epoch(index, id_cfg(bad_sample_tolerance=1), "train", True, world=1, classes=(0, 1))
+    batches = epoch_batches(index, id_cfg(bad_sample_tolerance=1), "train", True, world=1, classes=(0, 1))
     assert sum(len(ids) for ids, _ in batches[0]) == 12
 
 
@@ -140,8 +136,12 @@ def test_truncated_stream_is_bad_data_not_an_open_error(http_root):
     open(shard, "wb").write(data[: len(data) // 2 + 100])
     index = ShardIndex.load(path, shard_url=base + "/{path}")
     with pytest.raises(BadDataError, match="test-000000.tar"):
-        _epoch(index, id_cfg(), "test", False, world=1, classes=(0, 1))
-    out = _epoch(index, id_cfg(bad_sample_tolerance=20), "test", False, world=2, classes=(0, 1))
+        epoch_batches(index, id_cfg(), "test", False, world=1, classes=(0, 1))
+    # tolerated samples do not excuse the shard's bytes: with data.verify_checksums they differ from the index's
+    with pytest.raises(ShardReadError, match="test-000000.tar' has sha256 .* the index says"):
+        epoch_batches(index, id_cfg(bad_sample_tolerance=20), "test", False, world=1, classes=(0, 1))
+    out = epoch_batches(index, id_cfg(bad_sample_tolerance=20, verify_checksums=False), "test", False, world=2,
+                 classes=(0, 1))
     assert [len(r) for r in out] == [2, 2]
 
 

@@ -8,8 +8,10 @@ format, a listed shard that is missing, and (when verifying) a sha256 mismatch.
 
 Shard entries are paths relative to the index's folder or URLs; data.shard_url maps them to
 another place ('{path}' = the entry), e.g. the same folder behind HTTP or in an object store
-through a `pipe:` command (source.py). Local shards are checked for existence and sha256 here;
-remote ones are opened and their first header read (`probe`), their bytes are not hashed.
+through a `pipe:` command (source.py). The index itself may be a URL too (read with the retries of
+remote.py; relative entries are then relative to the URL's folder). Local shards are checked for
+existence and sha256 here; remote ones are opened and their first header read, once per node
+(probe.py), and their bytes are hashed while they stream (remote.py).
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import json
 import os
 from typing import Iterable, Optional, Sequence
 
-from sdlora_ds.data.source import check_scheme, check_template, local_path, resolve
-from sdlora_ds.data.source import probe as probe_locations
+from sdlora_ds.data.probe import probe as probe_locations
+from sdlora_ds.data.remote import ReadPolicy, RemoteReadFailed, fetch
+from sdlora_ds.data.source import check_scheme, check_template, local_path, resolve, scheme
 from sdlora_ds.fileio import sha256_file
 
 FORMAT = "sdlora-ds-shards/1"
@@ -67,8 +70,12 @@ class ShardIndex:
 
     def __init__(self, raw: dict, path: str):
         self.raw = raw
-        self.path = os.path.abspath(path)
-        self.root = os.path.dirname(self.path)
+        if local_path(path) is None:  # a URL: entries are relative to its folder
+            self.path = path
+            self.root = path.rpartition("/")[0] if scheme(path) != "pipe" else ""
+        else:
+            self.path = os.path.abspath(local_path(path))
+            self.root = os.path.dirname(self.path)
         self.dataset: str = raw["dataset"]
         self.class_names: list[str] = list(raw["class_names"])
         self.num_classes: int = int(raw["num_classes"])
@@ -78,24 +85,18 @@ class ShardIndex:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str, verify_checksums: bool = False, clues: Sequence[str] = (), shard_url: str = "",
-             probe: bool = True) -> "ShardIndex":
+             probe: bool = True, policy: ReadPolicy = ReadPolicy()) -> "ShardIndex":
         """clues: names that identify the dataset when the index cannot say (e.g. the run name),
         for the rebuild hint of a missing or broken index (`converter_hint`).
         shard_url: data.shard_url, a template mapping each shard entry to its location ('{path}'
         = the entry; see source.py); empty: entries are paths relative to the index's folder, or
         URLs themselves. Local shards must exist (and match their sha256 when verifying); with
         `probe`, every remote shard is opened and its first tar header read, so that a wrong URL
-        stops here with one line naming it. The bytes of remote shards are not hashed here."""
+        stops here with one line naming it (once per node: probe.py). The bytes of remote shards are
+        hashed while they stream (remote.py). `path` may be a URL; `policy`: the retries of remote
+        reads (index and probe; data.retries, data.retry_wait, data.read_timeout)."""
         check_template(shard_url)
-        if not os.path.isfile(path):
-            where = "" if os.path.isabs(path) else f" (relative to the current directory {os.getcwd()!r})"
-            raise ValueError(f"shard index {path!r} does not exist{where}; set data.index to the index.json "
-                             f"of a shard folder or {converter_hint(path, clues)}")
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"shard index {path!r} is not readable JSON ({e}); {converter_hint(path, clues)}") from None
+        raw = cls._read(path, clues, policy)
         if isinstance(raw, dict) and isinstance(raw.get("dataset"), str):
             clues = [raw["dataset"], *clues]
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -105,6 +106,10 @@ class ShardIndex:
         cls._check_structure(raw, path, converter_hint(path, clues))
         index = cls(raw, path)
         index.shard_url = shard_url
+        if not index.root and not shard_url and any(not scheme(sh["path"]) for s in raw["splits"].values()
+                                                     for sh in s["shards"]):
+            raise ValueError(f"shard index {path!r} is read from a command, so its relative shard paths have no "
+                             f"folder; set data.shard_url (e.g. 'pipe:aws s3 cp s3://bucket/data/{{path}} -')")
         remote = []
         for split in index.splits:
             for sh in raw["splits"][split]["shards"]:
@@ -124,8 +129,33 @@ class ShardIndex:
                                          f"{sh['sha256'][:16]}...: the file is damaged or from another "
                                          f"conversion; re-copy it or re-run the converter")
         if probe:
-            probe_locations(remote)
+            probe_locations(remote, policy)
         return index
+
+    @staticmethod
+    def _read(path: str, clues: Sequence[str], policy: ReadPolicy) -> dict:
+        """The parsed JSON of a local or remote index; ValueError (one line) when it cannot be read."""
+        if local_path(path) is None:
+            check_scheme(path, "config field 'data.index'")
+            try:
+                text = fetch(path, policy, "shard index")
+            except RemoteReadFailed as e:
+                raise ValueError(f"{e}; or set data.index to a local index.json") from None
+            try:
+                return json.loads(text)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"shard index {path!r} is not readable JSON ({e}); check data.index") from None
+        path = local_path(path)
+        if not os.path.isfile(path):
+            where = "" if os.path.isabs(path) else f" (relative to the current directory {os.getcwd()!r})"
+            raise ValueError(f"shard index {path!r} does not exist{where}; set data.index to the index.json "
+                             f"of a shard folder or {converter_hint(path, clues)}")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"shard index {path!r} is not readable JSON ({e}); "
+                             f"{converter_hint(path, clues)}") from None
 
     @staticmethod
     def _check_structure(raw: dict, path: str, fix: str) -> None:
@@ -195,6 +225,10 @@ class ShardIndex:
             if n:
                 out.append((self.location(sh["path"], shard_url), n, per))
         return out
+
+    def checksums(self, split: str) -> dict[str, str]:
+        """{location: sha256 the index lists} for every shard of `split`."""
+        return {self.location(sh["path"]): sh["sha256"] for sh in self._split(split)["shards"]}
 
     def shard_paths(self, split: str, class_ids: Iterable[int], shard_url: Optional[str] = None) -> list[str]:
         """Locations of only the shards of `split` that hold any of `class_ids` (index order)."""

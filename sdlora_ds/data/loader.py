@@ -14,6 +14,7 @@ rank's batch k without decoding the first k.
 - Bad data (`BadDataError`, naming shard and key) counts against data.bad_sample_tolerance; a
   tolerated sample keeps its slot so batch counts stay exact. An unopenable shard is `ShardOpenError`.
 - `TaskCache` (data.cache_task): the task split read once per rank, inherited by forked workers.
+- Remote shards are retried and resumed at the byte reached, and hashed as they stream (remote.py).
 
 The full contract (stream sources, slicing, memory bounds, every bad-data case): docs/data_loading.md.
 """
@@ -31,6 +32,8 @@ from sdlora_ds.data.decode import require_cuda, wrap_for_device
 from sdlora_ds.data.index import ShardIndex
 from sdlora_ds.data.order import epoch_order
 from sdlora_ds.data.reader import BadDataError, BadCounter, SampleRec, scan_shard, ShardRef
+from sdlora_ds.data.remote import ReadPolicy
+from sdlora_ds.data.source import local_path
 from sdlora_ds.data.transforms import build_transform
 
 __all__ = ["BadDataError", "TaskCache", "build_loader", "clear_caches"]
@@ -60,10 +63,10 @@ class TaskCache:
         self.key, self.items, self.nbytes = None, {}, 0
 
     def _fill(self, key: tuple, shards: list, keep: frozenset, num_classes: int,
-              on_bad: Callable[..., None]) -> None:
+              on_bad: Callable[..., None], policy: ReadPolicy) -> None:
         self.clear()
         for si, sh in enumerate(shards):
-            for rec in scan_shard(si, sh, sh.keep, num_classes, lambda k: True, sh.count - 1, on_bad):
+            for rec in scan_shard(si, sh, sh.keep, num_classes, lambda k: True, sh.count - 1, on_bad, policy):
                 self.items[(si, rec.k)] = rec
                 self.nbytes += len(rec.data or b"")
         self.key = key
@@ -87,6 +90,8 @@ class _TaskStream(IterableDataset):
         self.shuffle_buffer = cfg.shuffle_buffer
         self.tolerance = cfg.bad_sample_tolerance
         self.transform = build_transform(cfg, train)
+        self.policy = ReadPolicy.from_config(cfg, rank)
+        sums = index.checksums(split) if cfg.verify_checksums else {}
         # eval: one source per shard (read once); train: one per (shard, task class), see order.py
         self.shards: list[ShardRef] = []
         start = 0
@@ -95,7 +100,8 @@ class _TaskStream(IterableDataset):
             groups = [frozenset(mine)] if not train else [frozenset([c]) for c in mine]
             for cls in groups:
                 count = sum(per[c] for c in cls)
-                self.shards.append(ShardRef(path, count, frozenset(per), start, cls))
+                sha = sums.get(path, "") if local_path(path) is None else ""  # local ones: checked at load
+                self.shards.append(ShardRef(path, count, frozenset(per), start, cls, sha))
                 start += count
         self.total = start  # N: task samples in the split
         if self.total != index.count(split, self.keep):  # per-shard and per-split counts disagree
@@ -116,7 +122,8 @@ class _TaskStream(IterableDataset):
         if cache is not None:
             key = (index.path, split, tuple(sorted(self.keep)))
             if cache.key != key:
-                cache._fill(key, self.shards, self.keep, self.num_classes, BadCounter(self.tolerance).add)
+                cache._fill(key, self.shards, self.keep, self.num_classes, BadCounter(self.tolerance).add,
+                            self.policy)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -203,7 +210,7 @@ class _TaskStream(IterableDataset):
                 if si not in scans:
                     sh = self.shards[si]
                     scans[si] = scan_shard(si, sh, sh.keep, self.num_classes, want[si].__contains__, last[si],
-                                           on_bad)
+                                           on_bad, self.policy)
                 for rec in scans[si]:
                     if rec.k == k:
                         break

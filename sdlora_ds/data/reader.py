@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional
 
 from webdataset.tariterators import tar_file_iterator
 
+from sdlora_ds.data.remote import ReadPolicy, RemoteReadFailed, RemoteStream
 from sdlora_ds.data.source import local_path, open_failure, open_shard
 
 log = logging.getLogger("sdlora_ds.data")
@@ -38,10 +39,16 @@ class BadDataError(RuntimeError):
     the message is taken back out of that text, so the error stays one line wherever it was raised."""
 
     def __init__(self, message: str = ""):
-        text = str(message)
-        if text.startswith("Caught BadDataError") and "BadDataError: " in text:
-            text = text.rpartition("BadDataError: ")[2]
+        text, name = str(message), type(self).__name__
+        if text.startswith(f"Caught {name}") and f"{name}: " in text:
+            text = text.rpartition(f"{name}: ")[2]
         super().__init__(" ".join(text.split()))
+
+
+class ShardReadError(BadDataError):
+    """A remote shard that could not be read within data.retries, or whose bytes differ from the
+    index's sha256 (remote.py): reported like bad data (one line, exit 2, checkpoints kept), whatever
+    data.bad_sample_tolerance."""
 
 
 @dataclass
@@ -53,6 +60,7 @@ class ShardRef:
     listed: frozenset  # every class the index lists for this shard
     start: int      # position p of its first sample in the task stream
     keep: frozenset = frozenset()  # the classes this source yields
+    sha256: str = ""  # remote shards: the index's sha256, checked as the bytes stream ('' = not checked)
 
 
 @dataclass
@@ -67,7 +75,7 @@ class SampleRec:
 
 
 def scan_shard(si: int, sh: ShardRef, keep: frozenset, num_classes: int, want: Callable[[int], bool],
-               stop_after: int, on_bad: Callable[..., None]) -> Iterator[SampleRec]:
+               stop_after: int, on_bad: Callable[..., None], policy: ReadPolicy = ReadPolicy()) -> Iterator[SampleRec]:
     """Yield the shard's task samples k = 0.. in tar order, exactly sh.count of them (placeholders
     at the end when samples are missing), reading image bytes only where want(k). Stops after k ==
     stop_after. on_bad(shard, key, reason) is told about every unattributable sample it passes
@@ -76,7 +84,10 @@ def scan_shard(si: int, sh: ShardRef, keep: frozenset, num_classes: int, want: C
 
     The shard is opened with webdataset's gopen (source.py). A local file is walked with tarfile
     in seekable mode, so members that are not wanted are skipped with a seek; any other stream goes
-    through webdataset's tar iteration (`tar_file_iterator`), which reads every byte."""
+    through webdataset's tar iteration (`tar_file_iterator`), which reads every byte. A remote shard
+    is a RemoteStream (retried and resumed under `policy`, hashed when sh.sha256 is given: then read
+    to its end even when the scan stops early); a read that fails for good or a hash mismatch is
+    ShardReadError."""
     k = 0
     unattributed = [0]  # samples reported by _sample: each may be one of the task's missing ones
 
@@ -84,7 +95,9 @@ def scan_shard(si: int, sh: ShardRef, keep: frozenset, num_classes: int, want: C
         unattributed[0] += 1
         on_bad(shard, key, reason)
 
-    stream = open_shard(sh.path)  # ShardOpenError (one line) when the opener itself fails
+    remote = local_path(sh.path) is None
+    # local: ShardOpenError (one line) when the opener itself fails; remote: opened at the first read
+    stream = RemoteStream(sh.path, policy, sh.sha256) if remote else open_shard(sh.path)
     group: Optional[str] = None
     members: dict = {}
     started = False
@@ -103,7 +116,8 @@ def scan_shard(si: int, sh: ShardRef, keep: frozenset, num_classes: int, want: C
                         # stop early unless the shard's last sample was wanted: then read on
                         # to the end, to catch samples the index does not know about
                         if k > stop_after and stop_after < sh.count - 1:
-                            return
+                            group = None
+                            break
                 group, members = mk.group(1), {}
             members[mk.group(2).lower()] = entry
         if group is not None:
@@ -111,9 +125,13 @@ def scan_shard(si: int, sh: ShardRef, keep: frozenset, num_classes: int, want: C
             if rec is not None:
                 yield rec
                 k += 1
+        if remote:
+            stream.finish()  # the rest of the bytes and the sha256 check
+    except RemoteReadFailed as e:
+        raise ShardReadError(str(e)) from None
     except (OSError, tarfile.TarError, EOFError) as e:
-        if not started and local_path(sh.path) is None:  # nothing came: the download or command failed
-            raise open_failure(sh.path, stream, e) from None
+        if not started and remote:  # bytes came, but no tar (e.g. an error page served with 200)
+            raise ShardReadError(str(open_failure(sh.path, stream, e))) from None
         on_bad(sh.path, group or "<start>", f"tar unreadable after this key: {e}")
     finally:
         _close(stream)

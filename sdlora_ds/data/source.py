@@ -5,26 +5,26 @@ URL), optionally mapped by the config template data.shard_url ("{path}" = the in
 
     data/cifar100/train/train-000003.tar             local path (relative: to the index's folder)
     file:/datasets/cifar100/train/train-000003.tar   local file
-    https://host/cifar100/train/train-000003.tar     webdataset's curl opener (also http, sftp, ...)
+    https://host/cifar100/train/train-000003.tar     HTTP(S) (read with urllib: Range and status, remote.py)
     pipe:aws s3 cp s3://bucket/cifar100/train/train-000003.tar -     any command writing the tar
 
 Why webdataset's openers: they are what users of WebDataset already configure (`pipe:` for object
 stores, GOPEN_REWRITE, USE_AIS_FOR), so a shard set that streams into webdataset streams here.
 
-Local files (plain paths and file:) come back seekable, and the reader uses that: a worker skips
-the members it does not need with a seek instead of reading them (reader.py). Every other opener
-gives a forward-only stream, read through webdataset's tar iteration.
+Local files (plain paths and file:) are opened here (`open_shard`) and come back seekable, and the
+reader uses that: a worker skips the members it does not need with a seek instead of reading them
+(reader.py). Every other location is read through remote.py's `RemoteStream` (retried, resumed and
+hashed), a forward-only stream walked with webdataset's tar iteration.
 
 Opening errors are not bad data: a shard that cannot be opened is a configuration or
-infrastructure problem, so `probe` (run when the index is loaded) and `open_shard` raise one line
-naming the URL, what failed (curl's exit code spelled out) and what to check.
+infrastructure problem, so the probe (probe.py, run when the index is loaded) and `open_shard`
+raise one line naming the location, what failed (curl's exit code spelled out) and what to check.
 """
 from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Optional
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -78,6 +78,8 @@ def resolve(root: str, entry: str, template: str = "") -> str:
         return template.replace("{path}", entry)
     if scheme(entry):
         return entry
+    if scheme(root):  # the index's folder is a URL (an index read over HTTP)
+        return root.rstrip("/") + "/" + entry
     return os.path.normpath(os.path.join(root, entry))
 
 
@@ -88,29 +90,37 @@ def check_template(template: str) -> None:
                          f"'pipe:aws s3 cp s3://bucket/cifar100/{{path}} -'")
 
 
+def exit_reason(pipe, status: Optional[int]) -> str:
+    """What a subprocess opener's exit status means (curl's spelled out)."""
+    args = pipe.args[0][0]
+    if isinstance(args, list) and args and args[0] == "curl" and status in _CURL_EXIT:
+        return f"curl exit {status}: {_CURL_EXIT[status]}"
+    if isinstance(args, str) and args.lstrip().startswith("curl ") and status in _CURL_EXIT:
+        return f"command exit status {status} (curl: {_CURL_EXIT[status]})"
+    return f"command exit status {status}"
+
+
 def _why(stream, err: Optional[BaseException]) -> str:
     """What failed, with a pipe's exit status (curl's spelled out) when the opener is a subprocess."""
-    status = None
     if isinstance(stream, wds_gopen.Pipe):
         try:
             stream.close()
         except Exception:  # noqa: BLE001 - the status is what we want, the exception only repeats it
             pass
         status = stream.status
-        args = stream.args[0][0]
-        if isinstance(args, list) and args and args[0] == "curl" and status in _CURL_EXIT:
-            return f"curl exit {status}: {_CURL_EXIT[status]}"
         if status not in (None, 0, 141):
-            return f"command exit status {status}" + (f" ({err})" if err and "exit" not in str(err) else "")
+            reason = exit_reason(stream, status)
+            return reason + (f" ({err})" if err and "exit" not in str(err) and "curl" not in reason else "")
     if err is not None:
         return f"{type(err).__name__}: {err}"
     return "no data"
 
 
 def open_shard(location: str):
-    """A readable binary stream of the shard (seekable for local files). ShardOpenError if the
-    opener itself fails (missing file, unknown scheme); a pipe or URL that fails after starting
-    shows up as an empty stream, which the reader reports through `open_failure`."""
+    """A readable binary stream of the shard through webdataset's gopen (seekable for local files;
+    the reader opens remote locations with remote.RemoteStream instead). ShardOpenError if the
+    opener itself fails (missing file, unknown scheme); a stream that gives no tar is reported
+    through `open_failure`."""
     check_scheme(location, "shard")
     try:
         return wds_gopen.gopen(location, "rb")
@@ -129,44 +139,3 @@ def open_failure(location: str, stream, err: Optional[BaseException]) -> ShardOp
         test = f"`tar tf {local_path(location)}`"
     return ShardOpenError(f"cannot open shard {location!r}: {_why(stream, err)}; check that {test} works "
                           f"and the index entry / data.shard_url")
-
-
-def _probe_one(location: str) -> Optional[str]:
-    try:
-        stream = open_shard(location)
-    except ShardOpenError as e:
-        return str(e)
-    err = None
-    try:
-        head = stream.read(512)
-    except Exception as e:  # noqa: BLE001
-        head, err = b"", e
-    if len(head) < 512:
-        return str(open_failure(location, stream, err))
-    try:
-        stream.close()  # early close: a pipe's writer gets SIGPIPE (exit 141), which gopen ignores
-    except Exception:  # noqa: BLE001 - curl may report a write error (23) on early close: not our concern
-        pass
-    if head[257:262] != b"ustar":
-        return f"shard {location!r} is not a tar file (no ustar header in its first 512 bytes)"
-    return None
-
-
-def probe(locations: Sequence[str], threads: int = 8) -> None:
-    """Open every non-local shard, read its first tar header, close it; ShardOpenError (one line,
-    the first failing URL and how many failed) if any fails. Run before training so that a wrong
-    URL or credential stops the run at once rather than in a DataLoader worker mid-epoch."""
-    remote = [loc for loc in locations if local_path(loc) is None]
-    if not remote:
-        return
-    # the first alone: a wrong template fails every shard, and a command's own stderr (which
-    # gopen passes through) should then say it once, not once per shard
-    errors = [e for e in [_probe_one(remote[0])] if e]
-    if not errors:
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(remote) - 1))) as ex:
-            errors = [e for e in ex.map(_probe_one, remote[1:]) if e]
-    if errors:
-        more = f" ({len(errors) - 1} more of {len(remote)} remote shards failed too)" if len(errors) > 1 else ""
-        if len(errors) == 1 and len(remote) > 1 and _probe_one(remote[-1]):  # first failed: is it all?
-            more = " (the last remote shard fails too: check data.shard_url)"
-        raise ShardOpenError(errors[0] + more)
