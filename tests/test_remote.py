@@ -119,8 +119,8 @@ def test_pipe_is_rerun_and_skips_what_it_delivered(shards, tmp_path):
     """A command that breaks after part of the shard (exit 1) the first time: rerun, its first bytes dropped."""
     root, path, want_train, want_test = shards
     script = tmp_path / "flaky.sh"
-    script.write_text('f="$1"; m="$f.failed"\nif [ -e "$m" ]; then cat "$f"; else touch "$m"; '
-                      'head -c 3000 "$f"; exit 1; fi\n')
+    # mkdir is atomic: of the two workers that stream each shard, exactly one run of the command breaks
+    script.write_text('f="$1"\nif mkdir "$f.failed" 2>/dev/null; then head -c 3000 "$f"; exit 1; else cat "$f"; fi\n')
     index = ShardIndex.load(path, shard_url=f"pipe:sh {script} {root}/{{path}}", probe=False)
     before = retry_count()
     assert epoch_batches(index, cfg(), "train", True, workers=2) == want_train
