@@ -2,7 +2,6 @@
 stored subspace, against a hand computation (numpy) on a tiny model; the memory update with its
 threshold; updates orthogonal to the stored subspace through training (A fixed bitwise); export;
 in the trainer: resume bitwise (in process), and slow: 1 process vs 2 (gloo) vs ZeRO-2 vs ZeRO-3."""
-import json
 import os
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from conftest import tiny_config_dict
 from sdlora_ds.config import ConfigError, config_from_dict, config_to_dict, load_config
 from sdlora_ds.methods.inflora import A_SCALE, InfLoRAModel
+from test_olora import launch_all, resumed_runs_equal, shards  # noqa: F401 (shards: the fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,85 +170,30 @@ def test_export_with_the_logit_check_and_the_final_model_file(tmp_path):
 
 
 # ---------------------------------------------------------------------- in the trainer
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from shards.digits import write_digits_shards
-    return write_digits_shards(str(tmp_path_factory.mktemp("digits") / "shards"))
-
-
-def run_raw(shards, out, **over):
-    raw = tiny_config_dict(index=shards, name="run", output_dir=str(out), method="inflora", adapter={"rank": 2},
-                           cil={"num_classes": 10, "init_classes": 5, "increment": 5, "num_tasks": 2},
-                           data={"train_scale": [1.0, 1.0], "train_ratio": [1.0, 1.0]},
-                           optim={"epochs": 1, "global_batch": 16, "micro_batch": 8, "max_steps_per_epoch": 3},
-                           train={"checkpoint_every": 1, "keep_checkpoints": 100, "probe_size": 0, "eval_batch": 64})
-    for k, v in over.items():
-        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
-    return raw
-
-
-def comparable(res: dict) -> dict:
-    res = json.loads(json.dumps(res))
-    for key in ("task_seconds", "topologies"):
-        res.pop(key)
-    res["config"].pop("output_dir")
-    return res
-
-
-def final_state(run_dir):
-    return torch.load(os.path.join(run_dir, "final_model.pt"), weights_only=True)["state"]
-
-
 def test_trainer_designs_updates_memory_and_resumes_bitwise(shards, tmp_path):
-    from sdlora_ds.trainer import Trainer
-    trainer = Trainer(config_from_dict(run_raw(shards, tmp_path / "full")))
-    ref = trainer.run()
+    trainer, ref = resumed_runs_equal(shards, tmp_path, "inflora",
+                                      ["step-00000002", "step-00000003-task0-end", "step-00000005"])
     mem = [e for e in ref["events"] if e["kind"] == "inflora_memory"]
     assert [e["task"] for e in mem] == [0, 1] and all(k > 0 for k in mem[0]["sizes"])
     for layer, k0 in zip(trainer.model.layers, mem[0]["sizes"]):  # task 1's A: outside task 0's stored subspace
         assert torch.linalg.norm(layer.lora_a.double() @ layer.memory[:, :k0].double()) < 1e-5
-    state = final_state(tmp_path / "full" / "run")
-    for ckpt in ("step-00000002", "step-00000003-task0-end", "step-00000005"):
-        got = Trainer(config_from_dict(run_raw(shards, tmp_path / ckpt)),
-                      resume=str(tmp_path / "full" / "run" / "checkpoints" / ckpt)).run()
-        assert comparable(got) == comparable(ref), ckpt
-        again = final_state(tmp_path / ckpt / "run")
-        assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state), ckpt
 
 
 @pytest.mark.slow
 def test_one_process_two_processes_zero2_zero3_agree(shards, tmp_path):
-    """accelerate launch: the covariances are summed over ranks, so 2 processes (each seeing half of
-    the task's images) design the same A and memory as 1, under DDP, ZeRO-2 and ZeRO-3."""
-    import subprocess
-    import sys
-    results, states = {}, {}
-    for name, topology, nproc in [("one", "cpu", 1), ("two", "cpu", 2), ("zero2", "cpu_zero2", 2),
-                                  ("zero3", "cpu_zero3", 2)]:
-        raw = run_raw(shards, tmp_path / name, optim={"micro_batch": 8 // nproc}, train={"checkpoint_every": 0},
-                      dist={"timeout_s": 120})
-        cfg = tmp_path / f"{name}.json"
-        cfg.write_text(json.dumps(raw))
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(ROOT, "launch", f"accelerate_{topology}.yaml"), "--num_processes", str(nproc),
-               "--main_process_port", str(29700 + 13 * nproc + os.getpid() % 400 + len(results)),
-               os.path.join(ROOT, "launch", "train.py"), "--config", str(cfg)]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        with open(tmp_path / name / "run" / "results.json") as f:
-            results[name] = json.load(f)
-        states[name] = final_state(tmp_path / name / "run")
-    one = results["one"]
+    """The covariances are summed over ranks, so 2 processes (each seeing half of the task's images)
+    design the same A and memory as 1, under DDP, ZeRO-2 and ZeRO-3."""
+    runs = launch_all(shards, tmp_path, "inflora")
+    one, state = runs["one"]
     for name in ("two", "zero2", "zero3"):
-        got = results[name]
+        got, got_state = runs[name]
         assert got["world_size"] == 2
         assert [e["sizes"] for e in got["events"]] == [e["sizes"] for e in one["events"]], name
         assert max(abs(x[1] - y[1]) for x, y in zip(one["loss_log"], got["loss_log"])) < 1e-5, name
-        for key in (k for k in states["one"] if k.endswith(("lora_a", "memory"))):
-            a, b = states["one"][key].double(), states[name][key].double()
+        for key in (k for k in state if k.endswith(("lora_a", "memory"))):
+            a, b = state[key].double(), got_state[key].double()
             # the same subspace: compare projectors (eigenvectors are defined up to sign)
-            pa = a.t() @ a if key.endswith("lora_a") else a @ a.t()
-            pb = b.t() @ b if key.endswith("lora_a") else b @ b.t()
+            pa, pb = (a.t() @ a, b.t() @ b) if key.endswith("lora_a") else (a @ a.t(), b @ b.t())
             torch.testing.assert_close(pa, pb, atol=1e-4, rtol=0, msg=f"{name} {key}")
         for r1, r2 in zip(one["acc_matrix"], got["acc_matrix"]):
             assert r1 == pytest.approx(r2, abs=0.7), name

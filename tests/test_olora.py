@@ -155,24 +155,27 @@ def test_task_lora_linear_without_a_current_lora_is_the_frozen_sum():
 
 
 # ---------------------------------------------------------------------- in the trainer
+# (shared with tests/test_inflora.py)
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     from shards.digits import write_digits_shards
     return write_digits_shards(str(tmp_path_factory.mktemp("digits") / "shards"))
 
 
-def run_raw(shards, out, **over):
-    raw = tiny_config_dict(index=shards, name="run", output_dir=str(out), method="olora", adapter={"rank": 2},
+def trainer_raw(shards, out, method, **over):
+    """2 tasks of 5 digit classes, 3 steps of 2 x 8 samples each, a checkpoint every step."""
+    raw = tiny_config_dict(index=shards, name="run", output_dir=str(out), method=method, adapter={"rank": 2},
                            cil={"num_classes": 10, "init_classes": 5, "increment": 5, "num_tasks": 2},
                            data={"train_scale": [1.0, 1.0], "train_ratio": [1.0, 1.0]},
                            optim={"epochs": 1, "global_batch": 16, "micro_batch": 8, "max_steps_per_epoch": 3},
-                           train={"checkpoint_every": 1, "keep_checkpoints": 100, "probe_size": 0})
+                           train={"checkpoint_every": 1, "keep_checkpoints": 100, "probe_size": 0, "eval_batch": 64})
     for k, v in over.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return raw
 
 
 def comparable(res: dict) -> dict:
+    """results.json without wall-clock times, launch segments and the output folder."""
     res = json.loads(json.dumps(res))
     for key in ("task_seconds", "topologies"):
         res.pop(key)
@@ -180,50 +183,65 @@ def comparable(res: dict) -> dict:
     return res
 
 
+def final_state(run_dir) -> dict:
+    return torch.load(os.path.join(run_dir, "final_model.pt"), weights_only=True)["state"]
+
+
+def resumed_runs_equal(shards, tmp_path, method, checkpoints) -> tuple:
+    """The uninterrupted run (its Trainer and results), and each resume from `checkpoints` of it
+    checked equal to it: results.json and final_model.pt bitwise."""
+    from sdlora_ds.trainer import Trainer
+    trainer = Trainer(config_from_dict(trainer_raw(shards, tmp_path / "full", method)))
+    ref = trainer.run()
+    state = final_state(tmp_path / "full" / "run")
+    for ckpt in checkpoints:
+        got = Trainer(config_from_dict(trainer_raw(shards, tmp_path / ckpt, method)),
+                      resume=str(tmp_path / "full" / "run" / "checkpoints" / ckpt)).run()
+        assert comparable(got) == comparable(ref), ckpt
+        again = final_state(tmp_path / ckpt / "run")
+        assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state), ckpt
+    return trainer, ref
+
+
+# accelerate launch topologies: 1 process (accumulation 2), 2 gloo processes, ZeRO-2, ZeRO-3
+TOPOLOGIES = [("one", "cpu", 1), ("two", "cpu", 2), ("zero2", "cpu_zero2", 2), ("zero3", "cpu_zero3", 2)]
+
+
+def launch_all(shards, tmp_path, method) -> dict:
+    """name -> (results.json, final_model.pt state) of the method's run under each of TOPOLOGIES
+    (test_distributed's launcher and logs)."""
+    from test_distributed import command, run, tail
+    out = {}
+    for name, topology, nproc in TOPOLOGIES:
+        raw = trainer_raw(shards, tmp_path / name, method, optim={"micro_batch": 8 // nproc},
+                          train={"checkpoint_every": 0}, dist={"timeout_s": 120})
+        cfg, log = tmp_path / f"{name}.json", str(tmp_path / f"{name}-log")
+        cfg.write_text(json.dumps(raw))
+        assert run(command(topology, nproc, str(cfg)), log, timeout=900) == 0, tail(log)
+        with open(tmp_path / name / "run" / "results.json") as f:
+            out[name] = (json.load(f), final_state(tmp_path / name / "run"))
+    return out
+
+
 def test_trainer_logs_the_penalty_and_resumes_bitwise(shards, tmp_path):
     from sdlora_ds.logger import read_scalars
-    from sdlora_ds.trainer import Trainer
-    ref = Trainer(config_from_dict(run_raw(shards, tmp_path / "full"))).run()
+    resumed_runs_equal(shards, tmp_path, "olora", ["step-00000004"])
     scalars = read_scalars(str(tmp_path / "full" / "run" / "tensorboard"))
     assert [s for s, _ in scalars["train/orthogonality"]] == [4, 5, 6] and scalars["train/orthogonality"][0][1] > 0
-    ckpt = tmp_path / "full" / "run" / "checkpoints" / "step-00000004"
-    got = Trainer(config_from_dict(run_raw(shards, tmp_path / "resumed")), resume=str(ckpt)).run()
-    assert comparable(got) == comparable(ref)
-    a = torch.load(str(tmp_path / "full" / "run" / "final_model.pt"), weights_only=True)["state"]
-    b = torch.load(str(tmp_path / "resumed" / "run" / "final_model.pt"), weights_only=True)["state"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
-def test_one_process_two_processes_and_zero2_agree(shards, tmp_path):
-    """accelerate launch: 1 process (accumulation 2) vs 2 gloo processes vs 2 under ZeRO-2 and ZeRO-3
-    (the penalty computed inside each projection's forward, where ZeRO-3 has A_t gathered)."""
-    import subprocess
-    import sys
-    results = {}
-    for name, topology, nproc in [("one", "cpu", 1), ("two", "cpu", 2), ("zero2", "cpu_zero2", 2),
-                                 ("zero3", "cpu_zero3", 2)]:
-        raw = run_raw(shards, tmp_path / name, optim={"micro_batch": 8 // nproc}, train={"checkpoint_every": 0},
-                      dist={"timeout_s": 120})
-        cfg = tmp_path / f"{name}.json"
-        cfg.write_text(json.dumps(raw))
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               os.path.join(ROOT, "launch", f"accelerate_{topology}.yaml"), "--num_processes", str(nproc),
-               "--main_process_port", str(29600 + 11 * nproc + os.getpid() % 400 + len(results)),
-               os.path.join(ROOT, "launch", "train.py"), "--config", str(cfg)]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        with open(tmp_path / name / "run" / "results.json") as f:
-            results[name] = json.load(f)
-        rows = [json.loads(line) for line in open(tmp_path / name / "run" / "metrics.jsonl")]
-        results[name]["orth"] = [r["value"] for r in rows if r["tag"] == "train/orthogonality"]
-    one = results["one"]
-    assert len(one["orth"]) == 3
+def test_one_process_two_processes_and_zero2_zero3_agree(shards, tmp_path):
+    """The penalty is computed inside each projection's forward, where ZeRO-3 has A_t gathered."""
+    runs = launch_all(shards, tmp_path, "olora")
+    orth = {name: [json.loads(line)["value"] for line in open(tmp_path / name / "run" / "metrics.jsonl")
+                   if '"train/orthogonality"' in line] for name in runs}
+    one = runs["one"][0]
+    assert len(orth["one"]) == 3
     for name in ("two", "zero2", "zero3"):
-        got = results[name]
+        got = runs[name][0]
         assert got["world_size"] == 2
-        for key in ("loss_log",):
-            assert max(abs(x[1] - y[1]) for x, y in zip(one[key], got[key])) < 1e-5, (name, one[key], got[key])
-        assert max(abs(x - y) for x, y in zip(one["orth"], got["orth"])) < 1e-4 * max(one["orth"]), name
+        assert max(abs(x[1] - y[1]) for x, y in zip(one["loss_log"], got["loss_log"])) < 1e-5, name
+        assert max(abs(x - y) for x, y in zip(orth["one"], orth[name])) < 1e-4 * max(orth["one"]), name
         for r1, r2 in zip(one["acc_matrix"], got["acc_matrix"]):
             assert r1 == pytest.approx(r2, abs=0.7), name
