@@ -4,7 +4,9 @@ Like O-LoRA, every task t adds a LoRA B_t A_t to every adapted projection and ea
 frozen and summed; unlike it, A_t is designed from data before the task and then FIXED: only B_t
 (zero at the start) trains, so the task's update B_t A_t lies in the row space of A_t, chosen
 orthogonal to the input subspace M of the earlier tasks: for an input x in span(M), B_t A_t x = 0,
-which is what "interference-free" means.
+which is what "interference-free" means. (Names: the LoRA convention of this package, y += B A x with
+A (r, d_in) reading the input. The paper writes the branch the other way round: its designed
+"dimensionality reduction matrix" B_t is our A_t, its trained, zero-initialised A_t is our B_t.)
 
 Per adapted projection, with C_t = sum over the task's train tokens of x x^T (its input features):
 
