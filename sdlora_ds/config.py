@@ -453,8 +453,8 @@ class RunConfig:
         """The method's options (resolved: every field, defaults included) and the adapter fields
         that only another method reads (set here they would be silently ignored)."""
         spec = registry.get(self.method)
-        for other in registry.methods().values():
-            for dotted, default in other.owns_adapter_fields if other is not spec else ():
+        for other in (m for m in registry.methods().values() if m is not spec):
+            for dotted, default in other.owns_adapter_fields:
                 value = self.adapter
                 for part in dotted.split("."):
                     value = getattr(value, part)
