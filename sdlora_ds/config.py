@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import registry
+
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override (a ValueError, as every user error here)."""
@@ -427,11 +429,15 @@ class RunConfig:
     seed: int = 1993
     """Seed of initialisation, shuffling and augmentation (the class order has its own seed)."""
     method: str = "sdlora"
-    """'sdlora' (also -RR / -KD through adapter.rank_schedule / adapter.kd, and joint training with
-    cil.num_tasks = 1); baselines: 'seq_lora' (one plain LoRA of rank adapter.rank per projection,
-    trained through all tasks), 'linear_probe' (frozen backbone, only the growing classifier), 'ncm'
-    (no training: class-mean prototypes of the frozen backbone's CLS features, cosine similarity;
-    SimpleCIL)."""
+    """A module of sdlora_ds/methods/ (registry.py): 'sdlora' (also -RR / -KD through
+    adapter.rank_schedule / adapter.kd, and joint training with cil.num_tasks = 1); baselines:
+    'seq_lora' (one plain LoRA of rank adapter.rank per projection, trained through all tasks),
+    'linear_probe' (frozen backbone, only the growing classifier), 'ncm' (no training: class-mean
+    prototypes of the frozen backbone's CLS features, cosine similarity; SimpleCIL); and every other
+    method module there."""
+    method_options: dict = field(default_factory=dict)
+    """Options of the chosen method (its `options` dataclass in sdlora_ds/methods/<method>.py: each
+    field documented there); omitted keys take their defaults. A method without options takes none."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """The frozen pretrained ViT."""
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -450,30 +456,47 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         if not self.name or "/" in self.name:
             _fail("name", self.name, "a non-empty folder name without '/'")
-        if self.method not in METHODS:
-            _fail("method", self.method, f"allowed: {sorted(METHODS)}")
+        if self.method not in registry.methods():
+            _fail("method", self.method, f"allowed: {sorted(registry.methods())} (the modules of sdlora_ds/methods/)")
         for sub in ("backbone", "adapter", "cil", "data", "optim", "dist", "train"):
             getattr(self, sub).validate(sub)
-        if self.method != "sdlora":  # SD-LoRA-only settings would be silently ignored by a baseline
-            if self.adapter.kd.enabled:
-                _fail("adapter.kd.enabled", True, f"SD-LoRA-KD needs method 'sdlora', not {self.method!r}")
-            if self.adapter.rank_schedule is not None:
-                _fail("adapter.rank_schedule", self.adapter.rank_schedule,
-                      f"a rank schedule needs method 'sdlora'; {self.method!r} uses adapter.rank")
-            if self.adapter.freeze != "normalize":
-                _fail("adapter.freeze", self.adapter.freeze, f"freezing directions needs method 'sdlora', not "
-                                                              f"{self.method!r}")
+        self._validate_method()
         if self.backbone.source == "config" and self.data.image_size != self.backbone.image_size:
             _fail("data.image_size", self.data.image_size,
                   f"must equal backbone.image_size={self.backbone.image_size}")
         return self
 
+    def _validate_method(self) -> None:
+        """The method's options (resolved: every field, defaults included) and the adapter fields
+        that only another method reads (set here they would be silently ignored)."""
+        spec = registry.get(self.method)
+        for other in (m for m in registry.methods().values() if m is not spec):
+            for dotted, default in other.owns_adapter_fields:
+                value = self.adapter
+                for part in dotted.split("."):
+                    value = getattr(value, part)
+                if value != default:
+                    _fail(f"adapter.{dotted}", value, f"only method {other.name!r} reads it, this config runs "
+                                                      f"{self.method!r}; remove it or set it to {default!r}")
+        if spec.options is None:
+            if self.method_options:
+                _fail("method_options", self.method_options, f"method {self.method!r} takes no options; remove the key")
+            return
+        self.method_options = dataclasses.asdict(self.options)
+
+    @property
+    def options(self) -> Any:
+        """The method's options dataclass, validated (None for a method without options)."""
+        spec = registry.get(self.method)
+        if spec.options is None:
+            return None
+        opts = _from_dict(spec.options, self.method_options, "method_options")
+        opts.validate("method_options")
+        return opts
+
     @property
     def run_dir(self) -> str:
         return os.path.join(self.output_dir, self.name)
-
-
-METHODS = {"sdlora", "seq_lora", "linear_probe", "ncm"}
 
 
 # ---------------------------------------------------------------------------- strict loading
@@ -493,6 +516,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return isinstance(value, str)
     if tp is list or origin is list:
         return isinstance(value, list)
+    if tp is dict or origin is dict:
+        return isinstance(value, dict)
     return True
 
 
@@ -556,4 +581,9 @@ def load_config(path: str, overrides: Optional[list] = None) -> RunConfig:
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """Every field; `method_options` only for a method that has options, so the record of a method
+    without options (config.json, results.json, checkpoints) is what it was before the key existed."""
+    d = dataclasses.asdict(cfg)
+    if registry.get(cfg.method).options is None:
+        del d["method_options"]
+    return d

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from sdlora_ds import metrics as M
+from sdlora_ds import registry
 from sdlora_ds.logger import flatten
 
 METRICS = (("avg_acc", "Avg Acc"), ("last_acc", "Last Acc"), ("forgetting", "forgetting"), ("bwt", "BWT"))
@@ -107,18 +108,12 @@ def group_name(config: dict) -> str:
 
 
 def method_label(config: dict) -> str:
-    """A readable method name from what the config switches on."""
+    """A readable method name from what the config switches on (the method's registry label; the
+    method's name for one this checkout does not have)."""
     if config["cil"]["num_tasks"] == 1:
         return "joint (upper bound)"
-    method = config["method"]
-    if method != "sdlora":
-        return {"seq_lora": "seq. LoRA", "linear_probe": "linear probe", "ncm": "NCM"}.get(method, method)
-    ad = config["adapter"]
-    ablations = [f"m0 {ad['magnitude_init']:g}"] if ad.get("magnitude_init", 1.0) != 1.0 else []
-    if ad.get("freeze", "normalize") != "normalize":
-        ablations.append(f"{ad['freeze']} freeze")
-    return ("SD-LoRA" + ("-RR" if ad.get("rank_schedule") else "") + ("-KD" if ad.get("kd", {}).get("enabled") else "")
-            + (f" ({', '.join(ablations)})" if ablations else ""))
+    spec = registry.methods().get(config["method"])
+    return spec.label_of(config) if spec is not None else config["method"]
 
 
 def load_run(path: str) -> Run:

@@ -213,10 +213,12 @@ class Trainer:
         _, first_epoch, first_step = self.state.position  # (t, 0, 0) unless resuming mid-task
         if (first_epoch, first_step) == (0, 0):  # the boundary alone: task t's direction is still zero
             self.log_boundary(t, self.boundaries.task_start(t, self.probe_features()), "feature_change_at_boundary")
-        if not self.model.trains:  # NCM: class means of the frozen features, no optimizer
-            self.fit_prototypes(t)
+        if (first_epoch, first_step) == (0, 0) and "task_start" in self.model.observes:
+            self.observe_task(t, "task_start")  # e.g. NCM's class means (its whole training)
         for epoch in range(first_epoch, self.cfg.optim.epochs if self.model.trains else 0):
             self.train_epoch(t, epoch, first_step=first_step if epoch == first_epoch else 0, start=start)
+        if "task_end" in self.model.observes:
+            self.observe_task(t, "task_end")
         self.evaluate(t)
         self.log_boundary(t, self.boundaries.task_end(t, self.probe_features()), "feature_change_after_next_task")
         self.after_task(t)
@@ -297,9 +299,13 @@ class Trainer:
         known = self.schedule.start(t)
         n_local = sum(len(labels) for _, labels in micro_batches)
         total = torch.zeros((), dtype=torch.float64)
+        terms: dict = {}  # the model's extra loss terms (model.loss_terms), weighted and summed over the step
         for i, (images, labels) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            total += self.forward_backward(images, labels, known, n_local, sync=last)
+            loss_sum, micro_terms = self.forward_backward(images, labels, known, n_local, sync=last)
+            total += loss_sum
+            for name, value in micro_terms.items():
+                terms[name] = terms.get(name, 0.0) + value
         if not self.deepspeed:  # DeepSpeed stepped inside forward_backward, at the boundary
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -310,6 +316,11 @@ class Trainer:
         self.log.scalar("train/loss", loss, step)
         self.log.scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
         self.log.scalar("train/task", t, step)
+        if terms:  # one collective for all terms; the same names on every rank (the same model)
+            names = sorted(terms)
+            means = sum_across_ranks(self.acc, torch.stack([terms[n] for n in names]).float()) / self.world
+            for name, value in zip(names, means.tolist()):
+                self.log.scalar(f"train/{name}", value, step)
         logged = step % self.cfg.train.log_every == 0 or step == 1
         mags = getattr(self.model, "magnitudes", None) if logged else None  # self.model: the module the engine wraps
         if mags is not None:
@@ -319,17 +330,23 @@ class Trainer:
                 self.log.scalar(f"magnitude/task_{j}", v, step)
         return loss
 
-    def forward_backward(self, images, labels, known: int, n_local: int, sync: bool) -> torch.Tensor:
-        """Cross-entropy on the current task's logits only: logits[:, known:] vs position - known.
-        Returns the summed (not mean) loss of the micro-batch, detached."""
+    def forward_backward(self, images, labels, known: int, n_local: int, sync: bool) -> tuple:
+        """Cross-entropy on the current task's logits only: logits[:, known:] vs position - known, plus
+        the model's extra loss terms (model/base.py loss_terms), each weighted by this micro-batch's
+        share of the step's samples on this rank. Returns the summed (not mean) cross-entropy of the
+        micro-batch and {name: weighted term}, detached."""
         images = images.to(self.acc.device, non_blocking=True)
         target = self.lut[labels].to(self.acc.device) - known  # (B,) in [0, task size)
         # DDP: no gradient all-reduce before the step's last micro-batch (DeepSpeed: see below)
         ctx = self.acc.no_sync(self.engine) if not (self.deepspeed or sync) else nullcontext()
         with ctx, self.acc.autocast():
-            logits = self.engine(images)  # (B, C_seen)
+            logits, terms = self.engine(images, loss_terms=True)  # (B, C_seen), {name: scalar}
             loss_sum = F.cross_entropy(logits[:, known:].float(), target, reduction="sum")
         loss = loss_sum / n_local
+        weighted = {}
+        for name, value in terms.items():  # none for most methods: their loss is exactly the cross-entropy
+            weighted[name] = value.float() * (len(labels) / n_local)
+            loss = loss + weighted[name]
         if self.deepspeed:
             # The engine is driven directly, not through accelerator.backward: accelerate's wrapper
             # overwrites the accumulation boundary with its own sync flag (True outside
@@ -342,34 +359,31 @@ class Trainer:
                 self.engine.step()  # reduce (ZeRO: reduce-scatter), optimizer step, zero grads
         else:
             self.acc.backward(loss)
-        return loss_sum.detach().double().cpu()
+        return loss_sum.detach().double().cpu(), {name: v.detach().cpu() for name, v in weighted.items()}
 
-    # ------------------------------------------------------------------ NCM and diagnostics
+    # ------------------------------------------------------------------ passes over a task's data and diagnostics
     @torch.no_grad()
-    def fit_prototypes(self, t: int) -> None:
-        """NCM: the mean CLS feature of every class of task t over its train images (test transform,
-        each image once across ranks), summed over ranks; written into the head's new rows."""
+    def observe_task(self, t: int, phase: str) -> None:
+        """The model's pass over task t's train images at `phase` (model/base.py: observe/observed):
+        test transform, each image once across ranks; every rank runs every batch (a collective under
+        ZeRO-3: the engine's hooks gather the weights) and the model's sums are reduced over ranks."""
         model = self.acc.unwrap_model(self.engine)
-        known, n = self.schedule.start(t), self.schedule.size(t)
-        sums = torch.zeros(n, model.head.in_features, dtype=torch.float64)
-        counts = torch.zeros(n, dtype=torch.float64)
+        known = self.schedule.start(t)
         d = self.cfg.data
         loader = build_loader(self.index, d, split=d.train_split, class_ids=self.schedule.classes(t), train=False,
                               batch_size=self.cfg.train.eval_batch, rank=self.rank, world_size=self.world,
                               seed=self.cfg.seed * 100 + t)
+        was_training = model.training
         model.eval()
-        for images, labels in tqdm(loader, desc=f"class means of task {t}", disable=not self.is_main, leave=False):
+        for images, labels in tqdm(loader, desc=f"{phase} pass over task {t}", disable=not self.is_main, leave=False):
             keep = labels >= 0  # padding samples keep batch counts equal across ranks
-            with self.acc.autocast():
-                f = model.features(images.to(self.acc.device)).double().cpu()  # (B, d)
             rows = self.lut[labels.clamp_min(0)] - known
-            sums.index_add_(0, rows[keep], f[keep])
-            counts += torch.bincount(rows[keep], minlength=n).double()
-        sums, counts = sum_across_ranks(self.acc, sums), sum_across_ranks(self.acc, counts)
-        model.set_prototypes(known, sums, counts)
-        model.events.append({"kind": "ncm_class_means", "task": t, "images": int(counts.sum()),
-                             "per_class": [int(c) for c in counts]})
-        self.print(f"task {t}: class means of {int(counts.sum())} train images")
+            with self.acc.autocast():
+                model.observe(phase, t, images.to(self.acc.device), rows, keep)
+        note = model.observed(phase, t, lambda x: sum_across_ranks(self.acc, x))
+        model.train(was_training)
+        if note:
+            self.print(note)
 
     def probe_images(self) -> Optional[torch.Tensor]:
         """The first train.probe_size test images of task 0's classes (same on every rank); None if off."""

@@ -184,3 +184,44 @@ def test_bad_inputs_fail_before_training_with_one_line(digits, tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and needle in err and "\n" not in err
     assert not os.path.exists(os.path.join(tmp_path, "bad", "results.json"))
+
+
+def test_model_loss_terms_enter_each_step_once_and_are_logged(digits, tmp_path, monkeypatch):
+    """The loss hook: a per-step penalty lam * ||W_head||^2 returned by the model's forward is added
+    with the micro-batch's share of the step, so 1 x 16 and 4 x 4 samples take the same step, the step
+    is the cross-entropy's plus -lr * 2 lam W0, and train/<name> is logged to TensorBoard and metrics.jsonl."""
+    from sdlora_ds import trainer as T
+    from sdlora_ds.model import LinearProbeModel, build_model
+
+    class PenalisedProbe(LinearProbeModel):
+        lam = 0.0
+
+        def loss_terms(self):
+            if not hasattr(self, "w0"):
+                self.w0 = self.head.weight.detach().clone()
+            return {"l2": self.lam * self.head.weight.square().sum()} if self.lam else {}
+
+    def run(name, lam, micro):
+        PenalisedProbe.lam = lam
+        monkeypatch.setattr(T, "build_model", lambda cfg: PenalisedProbe(cfg) if cfg.method == "linear_probe"
+                            else build_model(cfg))
+        raw = reduced(digits, tmp_path, name, method="linear_probe",
+                      cil={"num_classes": 10, "init_classes": 10, "increment": 0, "num_tasks": 1},
+                      optim={"epochs": 1, "max_steps_per_epoch": 1, "micro_batch": micro}, train={"probe_size": 0})
+        tr = T.Trainer(config_from_dict(raw))
+        tr.run()
+        return tr.model, os.path.join(tmp_path, name)
+
+    plain, _ = run("plain", 0.0, 16)
+    one, _ = run("one", 0.3, 16)
+    four, run_dir = run("four", 0.3, 4)
+    lr = 0.05
+    torch = pytest.importorskip("torch")
+    torch.testing.assert_close(one.head.weight, four.head.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(one.head.weight - plain.head.weight, -lr * 2 * 0.3 * one.w0, rtol=0, atol=1e-6)
+    expected = 0.3 * float(one.w0.square().sum())
+    assert read_scalars(os.path.join(run_dir, "tensorboard"))["train/l2"][0][1] == pytest.approx(expected, rel=1e-5)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if '"train/l2"' in line]
+    assert [r["step"] for r in rows] == [1] and rows[0]["value"] == pytest.approx(expected, rel=1e-5)
+    assert "train/l2" not in read_scalars(os.path.join(tmp_path, "plain", "tensorboard"))  # no terms, no tag

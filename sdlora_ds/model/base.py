@@ -5,7 +5,12 @@
 The trainer drives every model through the same lifecycle and never asks which method it is:
     start_task(t, n_new)   grow the adapters and the classifier for task t
     set_trainable()        requires_grad exactly on trainable_parameters()
-    forward / merged_eval  training forward / evaluation with every update merged into the weights
+    forward / merged_eval  training forward / evaluation with every update merged into the weights;
+                           forward(x, loss_terms=True) also returns the method's extra loss terms
+                           (`loss_terms()`, e.g. a regulariser), which the trainer adds and logs
+    observes / observe / observed   passes over the task's train data at 'task_start' (after
+                           start_task, before the first step) and 'task_end' (after the last step,
+                           before evaluation): e.g. NCM's class means, a subspace of input features
     structure() + adapter_state_dict()  what a checkpoint or the final model file needs;
                            restore_structure() shapes a fresh model before load_state_dict
     events                 dicts the trainer writes to results.json and TensorBoard (e.g. KD merges)
@@ -29,7 +34,8 @@ from .head import GrowingClassifier
 
 class IncrementalViT(nn.Module):
     method = ""  # the config's `method` this class implements
-    trains = True  # False: no optimizer; the trainer calls fit_task instead (NCM)
+    trains = True  # False: no optimizer and no epochs (NCM: its 'task_start' pass is all it learns)
+    observes: tuple = ()  # phases ('task_start', 'task_end') at which the trainer runs observe/observed
 
     def __init__(self, cfg: RunConfig):
         super().__init__()
@@ -87,8 +93,39 @@ class IncrementalViT(nn.Module):
             p.requires_grad_(id(p) in keep)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, C_seen)
+    def forward(self, pixel_values: torch.Tensor, loss_terms: bool = False):
+        """(B, 3, S, S) -> logits (B, C_seen); with loss_terms: (logits, {name: scalar tensor}), the
+        trainer's training forward (trainer.forward_backward adds the terms to the loss)."""
+        logits = self.logits(pixel_values)
+        return (logits, self.loss_terms()) if loss_terms else logits
+
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, C_seen)
         return self.head(cls_features(self.backbone, pixel_values))
+
+    def loss_terms(self) -> dict:
+        """Extra loss terms of the micro-batch just forwarded, by name (logged as train/<name>): each a
+        scalar tensor, either a mean over the micro-batch's samples or a per-step quantity such as a
+        penalty on parameters. The trainer weights each by the micro-batch's share of the step's
+        samples on this rank, so a per-step penalty enters every optimizer step exactly once whatever
+        the accumulation, and DDP/DeepSpeed average it over ranks like the cross-entropy. Called inside
+        forward: a term that reads parameters of a submodule must be computed in that submodule's
+        forward (ZeRO-3 gathers a module's parameters only around its own forward and backward) and
+        collected here. None by default."""
+        return {}
+
+    # ------------------------------------------------------------------ passes over a task's data
+    def observe(self, phase: str, t: int, pixel_values: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> None:
+        """One batch of task t's train images (test transform; every image once across ranks), under
+        no_grad, at `phase` in `observes`. rows: (B,) each sample's class among task t's (head row -
+        known classes); keep: (B,) False for the padding samples that keep batch counts equal across
+        ranks (they must not count)."""
+        raise NotImplementedError(f"{type(self).__name__} lists {self.observes} in `observes` but has no observe()")
+
+    def observed(self, phase: str, t: int, reduce: Callable[[torch.Tensor], torch.Tensor]) -> str:
+        """The pass is over: reduce(tensor) sums a tensor over ranks (every rank calls it, same
+        shapes, same order), so every rank reaches the same state. Returns a line for the log ('' for
+        none)."""
+        raise NotImplementedError(f"{type(self).__name__} lists {self.observes} in `observes` but has no observed()")
 
     def export_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """What the exported plain classifier (a linear head on the CLS token) computes; export checks

@@ -120,9 +120,11 @@ class LinearProbeModel(IncrementalViT):
 class NCMModel(IncrementalViT):
     """Nearest class mean on frozen features, cosine similarity. The head's rows hold the unit-norm
     class means and its bias stays 0, so logits = W f / ||f|| (cosines). Export writes the same W and
-    a plain linear head: its logits are the cosines times ||f|| > 0, hence the same predictions."""
+    a plain linear head: its logits are the cosines times ||f|| > 0, hence the same predictions.
+    The class means come from the trainer's 'task_start' pass over the task's train images."""
     method = "ncm"
     trains = False
+    observes = ("task_start",)
 
     def _start_adapters(self, task: int, gen: torch.Generator) -> None:
         pass  # the head grows (random rows, replaced by set_prototypes before any evaluation)
@@ -130,12 +132,28 @@ class NCMModel(IncrementalViT):
     def trainable_parameters(self) -> list:
         return []
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, C_seen) cosines
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, S, S) -> (B, C_seen) cosines
         f = nn.functional.normalize(self.features(pixel_values), dim=-1)
         return nn.functional.linear(f, self.head.weight, self.head.bias)
 
     def export_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # ||f|| * cosines: same argmax
         return self.head(self.features(pixel_values))
+
+    def observe(self, phase: str, t: int, pixel_values: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> None:
+        if not hasattr(self, "_sums"):  # float64 sums per class of task t: the mean does not depend on batch order
+            self._sums = torch.zeros(self.task_sizes[-1], self.head.in_features, dtype=torch.float64)
+            self._counts = torch.zeros(self.task_sizes[-1], dtype=torch.float64)
+        f = self.features(pixel_values).double().cpu()  # (B, d)
+        self._sums.index_add_(0, rows[keep], f[keep])
+        self._counts += torch.bincount(rows[keep], minlength=self.task_sizes[-1]).double()
+
+    def observed(self, phase: str, t: int, reduce) -> str:
+        sums, counts = reduce(self._sums), reduce(self._counts)
+        del self._sums, self._counts
+        self.set_prototypes(self.known_classes, sums, counts)
+        self.events.append({"kind": "ncm_class_means", "task": t, "images": int(counts.sum()),
+                            "per_class": [int(c) for c in counts]})
+        return f"task {t}: class means of {int(counts.sum())} train images"
 
     @torch.no_grad()
     def set_prototypes(self, first_row: int, sums: torch.Tensor, counts: torch.Tensor) -> None:
