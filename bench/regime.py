@@ -55,6 +55,8 @@ METHODS = {
     "sdlora_m08": ["adapter.magnitude_init=0.8"],
     "sdlora_continuous": ["adapter.freeze=continuous"],
     "seq_lora": ["method=seq_lora"],
+    "olora": ["method=olora"],  # plug-ins (sdlora_ds/methods/): not run yet on this benchmark
+    "inflora": ["method=inflora"],
     "linear_probe": ["method=linear_probe"],
     "ncm": ["method=ncm"],
     "joint": ["cil.num_tasks=1", "cil.init_classes=30", "cil.increment=0"],  # regime_mix's 30 classes
