@@ -95,6 +95,14 @@ class BackboneConfig:
     """Register tokens (arch 'dinov2_with_registers', source='config'; files: read from the weights)."""
     layerscale_value: float = 1.0
     """Initial LayerScale value (DINOv2, source='config'; loaded weights carry their own)."""
+    swiglu: bool = False
+    """DINOv2's SwiGLU MLP (ViT-g/14; transformers' use_swiglu_ffn): gate/up/down projections whose
+    hidden width is 2/3 of mlp_size rounded up to a multiple of 8 (mlp_size 6144 -> 4096). DINOv2 only."""
+    check_shapes: bool = False
+    """true: the shape fields above (arch, hidden_size, num_layers, num_heads, mlp_size, patch_size,
+    image_size, swiglu, num_register_tokens for registers) describe the weights at `path`: the memory
+    plan (launch/train.py --plan) reads them before the weights are on disk, and a loaded backbone
+    whose shapes differ stops the run with the field named. false: the loaded weights decide."""
 
     def validate(self, p: str) -> None:
         if self.source not in ("pretrained", "config"):
@@ -115,6 +123,12 @@ class BackboneConfig:
                 _fail(f"{p}.mlp_size", self.mlp_size, f"DINOv2 needs a multiple of hidden_size={self.hidden_size}")
             if self.arch == "dinov2_with_registers" and self.num_register_tokens < 1:
                 _fail(f"{p}.num_register_tokens", self.num_register_tokens, "must be >= 1 (or use arch 'dinov2')")
+        if self.swiglu and self.arch not in ("dinov2", "dinov2_with_registers"):
+            _fail(f"{p}.swiglu", self.swiglu, f"the SwiGLU MLP exists in DINOv2 only (backbone.arch is {self.arch!r}); "
+                  "set backbone.arch to 'dinov2' or swiglu to false")
+        if self.check_shapes and (self.source != "pretrained" or self.arch is None):
+            _fail(f"{p}.check_shapes", self.check_shapes, "declared shapes describe loaded weights: needs "
+                  "source 'pretrained' and backbone.arch set")
 
 
 @dataclass
