@@ -419,6 +419,10 @@ class TrainConfig:
     """Boundary diagnostics: test images of task 0's classes (the first in the test stream) whose
     CLS features are compared before/after every task boundary (results.json 'boundaries',
     TensorBoard 'boundary/'). 0 turns the feature probe off (adapter norms and jumps are still recorded)."""
+    activation_checkpointing: bool = False
+    """Keep only each backbone block's input during the forward and recompute the block in the backward
+    (torch.utils.checkpoint, non-reentrant): activation memory falls from every block's saved tensors to
+    one block's plus the block inputs, for about one extra forward of compute. Same gradients."""
 
     def validate(self, p: str) -> None:
         for name in ("log_every", "eval_batch", "keep_checkpoints"):

@@ -35,6 +35,11 @@ class IncrementalViT(nn.Module):
         super().__init__()
         self.adapter_cfg = cfg.adapter
         self.backbone = build_backbone(cfg.backbone, image_size=cfg.data.image_size)  # every parameter frozen
+        if cfg.train.activation_checkpointing:
+            # Per block (transformers' GradientCheckpointingLayer), non-reentrant: the adapters' and
+            # magnitudes' gradients need no input that requires grad, and DeepSpeed's per-submodule
+            # hooks gather a ZeRO-3 block's weights again for the recompute.
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # Keys of the pretrained weights, taken before any projection is wrapped (wrapped layers keep
         # the `weight`/`bias` names). Everything else in the state dict is ours and goes into
         # adapter_state_dict; the adapters' own parameters (a_cur, lora_a, ...) live inside the
