@@ -259,7 +259,7 @@ def format_plan(plan: Plan) -> str:
              "  per GPU:"]
     lines += [f"    {name:<28}{_fmt(v)}" for name, v in plan.rows.items()]
     ac = plan.activations
-    lines.append(f"      (activations: {_fmt(ac['per_block']).strip()} per block kept, "
+    lines.append(f"      (activations: {_fmt(ac['per_block']).strip()} per block, "
                  f"{_fmt(ac['kept']).strip()} kept in all, {_fmt(ac['transient']).strip()} backward working set)")
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"    {'total':<28}{_fmt(plan.total)}  of {s.gpu_mem_gib:g} GiB: {verdict}")
