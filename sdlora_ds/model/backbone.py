@@ -113,7 +113,8 @@ def build_backbone(cfg: BackboneConfig, image_size: Optional[int] = None) -> Pre
     for p in model.parameters():
         p.requires_grad_(False)
     # Counted now, before adapters add parameters inside the backbone or ZeRO-3 partitions it.
-    model.sdlora_pretrained_params = sum(p.numel() for p in model.parameters())
+    # (ds_numel: a folder loaded under deepspeed.zero.Init is partitioned already, its tensors empty here)
+    model.sdlora_pretrained_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if image_size is not None:
         check_input_size(model, image_size, cfg.path)
     return model
