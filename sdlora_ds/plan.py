@@ -30,7 +30,8 @@ MLP hidden width f, e bytes per element (2 in 16-bit, 4 in fp32). What autograd 
   4 m N (h + 4)        fp32: attention log-sum-exp per head, LayerNorm mean and rstd (2 norms)
   e 2 d^2              the fused low-rank update's merged weight, one per adapted projection
   e m N 2 r            16-bit only: x A_cur^T of the current task, kept unmerged (kernels/reference.py)
-Beyond what is saved, the backward of one block holds its MLP gradients: e m N F' with F' = 2 f (GELU)
+The first block keeps less (its input needs no gradient: no LayerNorm input and statistics, no merged
+weights). Beyond what is saved, the backward of one block holds its MLP gradients: e m N F' with F' = 2 f (GELU)
 or 3 f (SwiGLU), measured as the peak over the saved tensors (tests/test_plan.py). Activation
 checkpointing keeps each block's input (e m N d) and recomputes one block at a time:
 L e m N d + one block + F'. Not counted: the images and logits (m x 3 x S^2 and m x C), framework
@@ -131,9 +132,12 @@ def activation_bytes(cfg: RunConfig, a: Arch, micro: int) -> dict:
     unmerged = 2 * cfg.adapter.rank_of(cfg.cil.num_tasks - 1) if e == 2 and cfg.method == "sdlora" else 0
     block = e * m * n * (7 * d + mlp_saved + unmerged) + 4 * m * n * (a.heads + 4) + e * 2 * d * d
     transient = e * m * n * mlp_backward
-    if cfg.method == "ncm":  # no training: forwards without autograd, one block's working set
-        return {"per_block": 0, "kept": 0, "transient": block, "total": block}
-    kept = a.layers * e * m * n * d + block if cfg.train.activation_checkpointing else a.layers * block
+    if cfg.method in ("ncm", "linear_probe"):  # nothing in the backbone needs a gradient: autograd keeps
+        return {"per_block": 0, "kept": 0, "transient": block, "total": block}  # nothing; a block's working set
+    # The first block's input needs no gradient (frozen embeddings): its LayerNorm keeps nothing and
+    # its adapted projections keep no merged weight (only the backward to x reads it).
+    first = e * m * n * d + 4 * m * n * 2 + e * 2 * d * d
+    kept = a.layers * e * m * n * d + block if cfg.train.activation_checkpointing else a.layers * block - first
     return {"per_block": block, "kept": kept, "transient": transient, "total": kept + transient}
 
 

@@ -4,20 +4,17 @@ import glob
 import json
 import os
 import sys
-import weakref
 
 import pytest
-import torch
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from conftest import ROOT, tiny_config_dict
 from sdlora_ds.config import config_from_dict
 from sdlora_ds.plan import GIB, Setting, activation_bytes, architecture, format_plan, make_plan, what_fits
 
 sys.path.insert(0, os.path.join(ROOT, "launch"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 import train  # noqa: E402
+from activation_memory import measured_step  # noqa: E402  (bench/: LivePeak, one measured CPU step)
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.json")))
 
@@ -66,7 +63,9 @@ def test_hand_checked_numbers_on_a_tiny_config():
     # per block: 2*8*17*(7*32 + 64 + 2*4) + 4*8*17*(4 + 4) + 2*2*32*32; backward working set 2*8*17*2*64
     assert p.activations["per_block"] == 80512 + 4352 + 4096
     assert p.activations["transient"] == 34816
-    assert p.rows["activations"] == 2 * 88960 + 34816
+    # the first block keeps no LayerNorm input / statistics and no merged weights: 2*8*17*32 + 4*8*17*2 + 2*2*32*32
+    assert p.activations["kept"] == 2 * 88960 - (8704 + 1088 + 4096)
+    assert p.rows["activations"] == p.activations["kept"] + 34816
     assert p.total == sum(p.rows.values()) and p.fits
     # ZeRO-2: 2 B x all frozen params; trainable 2T + 18T/N: adapters 2T whole
     z2 = make_plan(cfg, Setting(num_processes=2, gpu_mem_gib=1, zero_stage=2))
@@ -95,57 +94,6 @@ def test_what_does_not_fit_gets_the_changes_that_make_it_fit(capsys):
     assert "error: --offload" in capsys.readouterr().err
 
 
-class LivePeak(TorchDispatchMode):
-    """Peak bytes of the tensors created while it is active and still alive (CPU has no allocator
-    statistics): every op output's storage is counted until Python frees it. Storages that existed
-    before (parameters, buffers) are not counted, though views of them are made."""
-
-    def __init__(self, existing: set):
-        super().__init__()
-        self.existing, self.live, self.now, self.peak = existing, {}, 0, 0
-
-    def _free(self, key):
-        self.now -= self.live.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                s = t.untyped_storage()
-                key = s.data_ptr()
-                if key and key not in self.live and key not in self.existing:
-                    self.live[key] = s.nbytes()
-                    self.now += s.nbytes()
-                    self.peak = max(self.peak, self.now)
-                    weakref.finalize(s, self._free, key)
-        return out
-
-
-def measured_step(cfg) -> tuple:
-    """(peak bytes allocated by one forward + backward at the last task, bytes autograd saved), fp32 CPU."""
-    from sdlora_ds.model import SDLoRAModel
-    torch.manual_seed(0)
-    m = SDLoRAModel(cfg)
-    for t in range(cfg.cil.num_tasks):
-        m.start_task(t, cfg.cil.init_classes if t == 0 else cfg.cil.increment)
-    m.set_trainable()
-    m.train()
-    micro = cfg.optim.batch_plan(1)[0]
-    x, y = torch.rand(micro, 3, cfg.data.image_size, cfg.data.image_size), torch.randint(0, 2, (micro,))
-    existing = {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in existing:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with LivePeak(existing) as live:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = F.cross_entropy(m(x)[:, m.known_classes:], y)
-        loss.backward()
-    return live.peak, sum(saved.values())
-
-
 @pytest.mark.parametrize("arch", ["vit", "dinov2_swiglu"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_estimate_within_20_percent_of_a_measured_cpu_step(arch, checkpointing):
@@ -155,7 +103,7 @@ def test_activation_estimate_within_20_percent_of_a_measured_cpu_step(arch, chec
     cfg = tiny(backbone=bb, data={"image_size": bb["image_size"], "test_resize": bb["image_size"]},
                optim={"global_batch": 8}, dist={"mixed_precision": "no"},
                train={"activation_checkpointing": checkpointing})
-    peak, saved = measured_step(cfg)
+    peak, saved = measured_step(cfg, 8)
     est = activation_bytes(cfg, architecture(cfg), 8)
     assert abs(est["total"] - peak) <= 0.2 * peak, (est, peak)
     if not checkpointing:  # what autograd keeps, tensor for tensor (the embeddings and head add ~2%)
