@@ -85,10 +85,12 @@ def architecture(cfg: RunConfig) -> Arch:
     from .model.backbone import ARCHS, _new_model, dinov2_config, vit_config
     b = cfg.backbone
     folder_cfg = None if b.path is None else os.path.join(b.path, "config.json")
+    model_type = None
     if b.source == "pretrained" and not b.check_shapes and folder_cfg and os.path.isfile(folder_cfg):
         with open(folder_cfg) as f:
-            model_type = json.load(f).get("model_type")
-        config, arch, source = ARCHS[model_type][0].from_pretrained(b.path), model_type, f"{folder_cfg}"
+            model_type = json.load(f).get("model_type")  # (another model type: the loader will refuse it)
+    if model_type in ARCHS:
+        config, arch, source = ARCHS[model_type][0].from_pretrained(b.path), model_type, folder_cfg
     else:
         arch = b.arch or "vit"
         config = vit_config(b) if arch == "vit" else dinov2_config(b, arch)

@@ -30,8 +30,8 @@ def to_timm(vit) -> dict:
            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
            "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"],
-           "head.weight": torch.zeros(5, 32), "head.bias": torch.zeros(5)}
-    for i in range(2):
+           "head.weight": torch.zeros(5, vit.config.hidden_size), "head.bias": torch.zeros(5)}
+    for i in range(vit.config.num_hidden_layers):
         L = f"layers.{i}."
         for kind in ("weight", "bias"):
             out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([sd[f"{L}attention.{p}_proj.{kind}"] for p in "qkv"])
@@ -327,3 +327,22 @@ def test_swiglu_and_check_shapes_are_validated():
         BackboneConfig(source="config", arch="vit", check_shapes=True).validate("backbone")
     with pytest.raises(ConfigError, match="backbone.check_shapes"):
         BackboneConfig(source="pretrained", path="x", check_shapes=True).validate("backbone")  # arch unknown
+
+
+def test_vit_l16_timm_file_loads_exactly_with_its_declared_shapes(tmp_path):
+    """configs/imagenetr_b40_vitl16.json's shapes (width 1024, 16 heads, MLP 4096, 224 px) at 1 block."""
+    from sdlora_ds.config import load_config
+    from conftest import ROOT
+    declared = load_config(f"{ROOT}/configs/imagenetr_b40_vitl16.json").backbone
+    shapes = {k: getattr(declared, k) for k in ("hidden_size", "num_heads", "mlp_size", "patch_size", "image_size")}
+    torch.manual_seed(0)
+    vit = build_backbone(BackboneConfig(source="config", num_layers=1, **shapes))
+    if "layers.0.attention.q_proj.weight" not in vit.state_dict():
+        pytest.skip("test writes 5.x-style keys")
+    save_file(to_timm(vit), str(tmp_path / "vitl.safetensors"))
+    cfg = BackboneConfig(**{**declared.__dict__, "path": str(tmp_path / "vitl.safetensors"), "num_layers": 1})
+    loaded = build_backbone(cfg)
+    sd, sd2 = vit.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    with pytest.raises(ValueError, match="^config field 'backbone.num_layers': the config declares 24"):
+        build_backbone(BackboneConfig(**{**cfg.__dict__, "num_layers": 24}))

@@ -113,3 +113,16 @@ def test_activation_estimate_within_20_percent_of_a_measured_cpu_step(arch, chec
 def test_plan_bytes_are_reported_in_gib():
     p = make_plan(tiny(), Setting(1, 0.5, 3))
     assert p.setting.gpu_mem_gib * GIB == GIB / 2 and "of 0.5 GiB" in format_plan(p)
+
+
+def test_an_undeclared_folder_backbone_is_read_from_its_config_json(tmp_path):
+    from sdlora_ds.config import BackboneConfig
+    from sdlora_ds.model.backbone import build_backbone
+    dino = dict(arch="dinov2", hidden_size=32, num_layers=3, num_heads=2, mlp_size=64, patch_size=14, image_size=28)
+    build_backbone(BackboneConfig(source="config", **dino)).save_pretrained(tmp_path / "bb")
+    cfg = tiny(backbone={"source": "pretrained", "path": str(tmp_path / "bb")},
+               data={"image_size": 28, "test_resize": 28})
+    a = architecture(cfg)  # the config's fields say a 2-block ViT; the folder says otherwise
+    assert (a.arch, a.layers, a.hidden, a.tokens) == ("dinov2", 3, 32, 5) and a.source.endswith("config.json")
+    (tmp_path / "bb" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    assert "NOT checked" in architecture(cfg).source  # not a backbone type: the fields, flagged unchecked
