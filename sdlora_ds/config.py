@@ -39,7 +39,8 @@ _BACKBONE_BUILDERS = {
 def missing_backbone_path(b: "BackboneConfig") -> ConfigError:
     """The error for a backbone.path that does not exist (preflight and the backbone loader), with a
     hint that fits the config: the script that builds a backbone of this repository's demos, the
-    timm weights a paper config expects (backbone.weights_name 'timm <name>'), else what a path may hold."""
+    timm weights a paper config expects (backbone.weights_name 'timm <name>'), the transformers folder a
+    large-backbone config expects ('transformers <hub name>'), else what a path may hold."""
     path = b.path
     name = os.path.basename(os.path.normpath(path))
     weights = (b.weights_name or "").strip()
@@ -51,6 +52,11 @@ def missing_backbone_path(b: "BackboneConfig") -> ConfigError:
                 f"on a machine that can download them, save `timm.create_model({timm_name!r}, "
                 f"pretrained=True).state_dict()` with safetensors.torch.save_file and copy the file there, or set "
                 f"backbone.path to a local copy (a transformers ViT folder of the same weights works too)")
+    elif weights.startswith("transformers "):
+        hub_name = weights[len("transformers "):].strip()
+        hint = (f"this config expects a transformers folder of {hub_name!r} there: on a machine that can download "
+                f"it, run `AutoModel.from_pretrained({hub_name!r}).save_pretrained(<folder>)` and copy the folder "
+                f"there, or set backbone.path to a local copy")
     else:
         hint = "point backbone.path at a local transformers ViT/DINOv2 folder or .safetensors file" + \
                (f" holding {weights!r}" if weights else "")
