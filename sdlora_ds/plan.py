@@ -131,7 +131,9 @@ def activation_bytes(cfg: RunConfig, a: Arch, micro: int) -> dict:
     e, m, n, d = element_bytes(cfg), micro, a.tokens, a.hidden
     mlp_saved = 3 * a.mlp_hidden if a.swiglu else a.mlp_hidden
     mlp_backward = 3 * a.mlp_hidden if a.swiglu else 2 * a.mlp_hidden
-    unmerged = 2 * cfg.adapter.rank_of(cfg.cil.num_tasks - 1) if e == 2 and cfg.method == "sdlora" else 0
+    # 16-bit: each adapted projection keeps x A^T of its trainable LoRA term unmerged (both methods' layers)
+    rank = cfg.adapter.rank_of(cfg.cil.num_tasks - 1) if cfg.method == "sdlora" else cfg.adapter.rank
+    unmerged = 2 * rank if e == 2 and cfg.method in ("sdlora", "seq_lora") else 0
     block = e * m * n * (7 * d + mlp_saved + unmerged) + 4 * m * n * (a.heads + 4) + e * 2 * d * d
     transient = e * m * n * mlp_backward
     if cfg.method in ("ncm", "linear_probe"):  # nothing in the backbone needs a gradient: autograd keeps
