@@ -55,8 +55,9 @@ class LivePeak(TorchDispatchMode):
         return out
 
 
-def measured_step(cfg, micro: int, seed: int = 0) -> tuple:
-    """(peak bytes the step allocates, bytes autograd saves) of one forward + backward at the last task."""
+def measured_step(cfg, micro: int, seed: int = 0, dtype=torch.float32) -> tuple:
+    """(peak bytes the step allocates, bytes autograd saves) of one forward + backward at the last task;
+    dtype bfloat16: the whole model in bf16, as DeepSpeed's bf16 mode runs it."""
     from sdlora_ds.model import SDLoRAModel
     torch.manual_seed(seed)
     m = SDLoRAModel(cfg)
@@ -64,8 +65,9 @@ def measured_step(cfg, micro: int, seed: int = 0) -> tuple:
         m.start_task(t, cfg.cil.init_classes if t == 0 else cfg.cil.increment)
     m.set_trainable()
     m.train()
+    m.to(dtype)
     size = cfg.data.image_size
-    x, y = torch.rand(micro, 3, size, size), torch.randint(0, m.task_sizes[-1], (micro,))
+    x, y = torch.rand(micro, 3, size, size, dtype=dtype), torch.randint(0, m.task_sizes[-1], (micro,))
     existing = {t.untyped_storage().data_ptr() for t in list(m.parameters()) + list(m.buffers())}
     saved = {}
 
@@ -76,7 +78,7 @@ def measured_step(cfg, micro: int, seed: int = 0) -> tuple:
         return t
     with LivePeak(existing) as live:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = F.cross_entropy(m(x)[:, m.known_classes:], y)
+            loss = F.cross_entropy(m(x)[:, m.known_classes:].float(), y)
         loss.backward()
     return live.peak, sum(saved.values())
 

@@ -110,6 +110,18 @@ def test_activation_estimate_within_20_percent_of_a_measured_cpu_step(arch, chec
         assert abs(est["kept"] - saved) <= 0.05 * saved, (est, saved)
 
 
+def test_activation_estimate_in_bf16_within_20_percent_of_a_measured_cpu_step():
+    """The whole model in bf16 (DeepSpeed's bf16 mode): 2-byte tensors, fp32 log-sum-exp, and x A_cur^T
+    kept unmerged by the fused update."""
+    import torch
+    bb = {"hidden_size": 64, "num_layers": 4, "num_heads": 4, "mlp_size": 256, "patch_size": 8, "image_size": 64}
+    cfg = tiny(backbone=bb, data={"image_size": 64, "test_resize": 64}, optim={"global_batch": 8},
+               dist={"mixed_precision": "bf16"})
+    peak, saved = measured_step(cfg, 8, dtype=torch.bfloat16)
+    est = activation_bytes(cfg, architecture(cfg), 8)
+    assert abs(est["total"] - peak) <= 0.2 * peak and abs(est["kept"] - saved) <= 0.05 * saved, (est, peak, saved)
+
+
 def test_plan_bytes_are_reported_in_gib():
     p = make_plan(tiny(), Setting(1, 0.5, 3))
     assert p.setting.gpu_mem_gib * GIB == GIB / 2 and "of 0.5 GiB" in format_plan(p)
