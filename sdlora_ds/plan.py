@@ -109,11 +109,16 @@ def architecture(cfg: RunConfig) -> Arch:
                 sum(p.numel() for p in params), model_to_params(model)[1], tuple(p.numel() for p in params), source)
 
 
+# Methods whose adapters the plan counts exactly; any other is counted as SD-LoRA (a new rank-r LoRA
+# per adapted projection and task, earlier ones frozen), which the plan's output says.
+EXACT_METHODS = ("sdlora", "seq_lora", "linear_probe", "ncm")
+
+
 def adapter_counts(cfg: RunConfig, a: Arch) -> tuple:
     """(trainable parameters, frozen direction elements) at the last task."""
     projections, d, t = 2 * a.layers, a.hidden, cfg.cil.num_tasks
     head = (d + 1) * cfg.cil.num_classes
-    if cfg.method == "sdlora":
+    if cfg.method not in EXACT_METHODS or cfg.method == "sdlora":
         ranks = [cfg.adapter.rank_of(i) for i in range(t)]
         return projections * 2 * d * ranks[-1] + t + head, projections * 2 * d * sum(ranks[:-1])
     if cfg.method == "seq_lora":
@@ -132,8 +137,8 @@ def activation_bytes(cfg: RunConfig, a: Arch, micro: int) -> dict:
     mlp_saved = 3 * a.mlp_hidden if a.swiglu else a.mlp_hidden
     mlp_backward = 3 * a.mlp_hidden if a.swiglu else 2 * a.mlp_hidden
     # 16-bit: each adapted projection keeps x A^T of its trainable LoRA term unmerged (both methods' layers)
-    rank = cfg.adapter.rank_of(cfg.cil.num_tasks - 1) if cfg.method == "sdlora" else cfg.adapter.rank
-    unmerged = 2 * rank if e == 2 and cfg.method in ("sdlora", "seq_lora") else 0
+    rank = cfg.adapter.rank_of(cfg.cil.num_tasks - 1)  # adapter.rank unless SD-LoRA-RR's schedule
+    unmerged = 2 * rank if e == 2 and cfg.method not in ("linear_probe", "ncm") else 0
     block = e * m * n * (7 * d + mlp_saved + unmerged) + 4 * m * n * (a.heads + 4) + e * 2 * d * d
     transient = e * m * n * mlp_backward
     if cfg.method in ("ncm", "linear_probe"):  # nothing in the backbone needs a gradient: autograd keeps
@@ -265,6 +270,9 @@ def format_plan(plan: Plan) -> str:
              f"{cfg.data.image_size} px; micro-batch {plan.micro} x grad_accum {plan.accum}; activation "
              f"checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}",
              "  per GPU:"]
+    if cfg.method not in EXACT_METHODS:
+        lines.insert(-1, f"  adapters of method {cfg.method!r} counted as SD-LoRA's (a rank-{cfg.adapter.rank} LoRA per "
+                         "adapted projection and task): an estimate")
     lines += [f"    {name:<28}{_fmt(v)}" for name, v in plan.rows.items()]
     ac = plan.activations
     lines.append(f"      (activations: {_fmt(ac['per_block']).strip()} per block, "

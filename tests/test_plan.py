@@ -138,3 +138,12 @@ def test_an_undeclared_folder_backbone_is_read_from_its_config_json(tmp_path):
     assert (a.arch, a.layers, a.hidden, a.tokens) == ("dinov2", 3, 32, 5) and a.source.endswith("config.json")
     (tmp_path / "bb" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert "NOT checked" in architecture(cfg).source  # not a backbone type: the fields, flagged unchecked
+
+
+def test_a_method_the_plan_does_not_know_is_counted_as_sdlora_and_says_so():
+    from dataclasses import replace
+    cfg = tiny()
+    other = replace(cfg, method="some_new_lora")  # e.g. a method added through a registry later
+    p, q = make_plan(cfg, Setting(2, 1, 3)), make_plan(other, Setting(2, 1, 3))
+    assert p.rows == q.rows
+    assert "method 'some_new_lora' counted as SD-LoRA's" in format_plan(q) and "counted as" not in format_plan(p)
