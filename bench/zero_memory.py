@@ -25,6 +25,14 @@ grads columns halve, and every stage keeps fp32 master weights of the trainable 
 ZeRO-2/3: the rank's partition) in the optimizer column. Prints a table, ends with ONE JSON line.
 
     python bench/zero_memory.py
+    python bench/zero_memory.py --backbone dinov2_g14 --depth 2 --image-size 28 --stages 3 --zero-init
+
+--backbone takes the shapes of a large-backbone config (configs/imagenetr_b40_vitl16.json,
+imagenetr_b40_dinov2_g14.json) and --depth N keeps its first N blocks at full width, so the partition
+can be checked at a size a CPU machine holds (tests/test_zero_memory.py: 2 blocks of DINOv2-g width on
+2 processes). --zero-init builds the model inside deepspeed.zero.Init (ZeRO-3 only): every tensor is
+partitioned as it is created, so no rank ever holds the whole backbone (without it each rank builds it
+whole and the engine partitions it afterwards). --image-size sets the input (and the position grid).
 """
 from __future__ import annotations
 
@@ -75,7 +83,22 @@ def ds_config(stage: int) -> dict:
     return cfg
 
 
-def worker(rank: int, world: int, stage: int, port: int, out: str) -> None:
+BACKBONES = {"vit_b16": None, "vit_l16": "imagenetr_b40_vitl16.json", "dinov2_g14": "imagenetr_b40_dinov2_g14.json"}
+SHAPES = ("arch", "hidden_size", "num_layers", "num_heads", "mlp_size", "patch_size", "swiglu")
+
+
+def backbone_fields(name: str, depth, image_size: int) -> dict:
+    """A 'config' backbone of the named config's shapes (BackboneConfig's defaults: ViT-B/16)."""
+    fields = {"source": "config", "image_size": image_size}
+    if BACKBONES[name]:
+        with open(os.path.join(ROOT, "configs", BACKBONES[name])) as f:
+            fields.update({k: v for k, v in json.load(f)["backbone"].items() if k in SHAPES})
+    if depth:
+        fields["num_layers"] = depth
+    return fields
+
+
+def worker(rank: int, world: int, stage: int, port: int, out: str, bb: dict, zero_init: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     import torch
@@ -85,10 +108,17 @@ def worker(rank: int, world: int, stage: int, port: int, out: str) -> None:
     from sdlora_ds.model import build_model
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
-    # BackboneConfig's defaults are ViT-B/16 (768 wide, 12 blocks, 12 heads, MLP 3072, 224 px)
-    cfg = config_from_dict({"backbone": {"source": "config"}, "adapter": {"rank": 10}, "data": {"index": "unused"}})
+    size = bb["image_size"]
+    cfg = config_from_dict({"backbone": bb, "adapter": {"rank": 10}, "data": {"index": "unused", "image_size": size,
+                                                                              "test_resize": size}})
     torch.manual_seed(0)
-    model = build_model(cfg)
+    if zero_init:  # partitioned as each tensor is created: no rank holds the whole backbone at any time
+        with deepspeed.zero.Init(config_dict_or_path=ds_config(stage)):
+            model = build_model(cfg)
+    else:
+        model = build_model(cfg)
+    # tensors already partitioned before the engine exists (zero.Init) vs all of them
+    built_split = sum(1 for p in model.parameters() if hasattr(p, "ds_id") and not p.data.numel())
     model.start_task(0, 40)
     model.set_trainable()
     trainable = model.trainable_parameters()
@@ -104,7 +134,7 @@ def worker(rank: int, world: int, stage: int, port: int, out: str) -> None:
                     yield p.data
             else:
                 yield p.data
-    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(rank))
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(rank))
     y = torch.tensor([rank % 40])
     engine.train()
     engine.set_gradient_accumulation_boundary(True)
@@ -125,7 +155,8 @@ def worker(rank: int, world: int, stage: int, port: int, out: str) -> None:
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
     res = {"params": storages(param_tensors()), "grads": grad_bytes, "optimizer": opt_bytes,
            "model_params": n_all, "trainable_params": n_train,
-           "partitioned_tensors": sum(1 for p in model.parameters() if hasattr(p, "ds_id") and not p.data.numel())}
+           "partitioned_tensors": sum(1 for p in model.parameters() if hasattr(p, "ds_id") and not p.data.numel()),
+           "partitioned_at_build": built_split}
     with open(os.path.join(out, f"stage{stage}_rank{rank}.json"), "w") as f:
         json.dump(res, f)
     torch.distributed.barrier()
@@ -141,18 +172,27 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", default="0,2,3")
     ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--backbone", choices=sorted(BACKBONES), default="vit_b16")
+    ap.add_argument("--depth", type=int, default=None, help="keep the first N blocks (full width)")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--zero-init", action="store_true", help="build under deepspeed.zero.Init (--stages 3 only)")
     args = ap.parse_args(argv)
+    if args.zero_init and args.stages != "3":
+        ap.error("--zero-init partitions at construction, which is ZeRO-3: use it with --stages 3")
+    bb = backbone_fields(args.backbone, args.depth, args.image_size)
     import torch.multiprocessing as mp
     stages = [int(s) for s in args.stages.split(",")]
     figures = {}
     with tempfile.TemporaryDirectory() as out:
         for stage in stages:
-            mp.spawn(worker, args=(args.world, stage, free_port(), out), nprocs=args.world, join=True)
+            mp.spawn(worker, args=(args.world, stage, free_port(), out, bb, args.zero_init), nprocs=args.world,
+                     join=True)
             figures[stage] = [json.load(open(os.path.join(out, f"stage{stage}_rank{r}.json")))
                               for r in range(args.world)]
     first = figures[stages[0]][0]
-    print(f"SD-LoRA on ViT-B/16 (task 0, 40 classes, rank 10): {first['model_params']:,} parameters, "
-          f"{first['trainable_params']:,} trainable; {args.world} processes, fp32, per-rank MiB")
+    print(f"SD-LoRA on {args.backbone} ({bb.get('num_layers', 12)} blocks, {args.image_size} px; task 0, 40 classes, "
+          f"rank 10): {first['model_params']:,} parameters, {first['trainable_params']:,} trainable; {args.world} "
+          f"processes, fp32{', built under zero.Init' if args.zero_init else ''}, per-rank MiB")
     print(f"{'stage':>5} {'rank':>4} {'params':>9} {'grads':>9} {'optimizer':>9} {'total':>9}  partitioned tensors")
     for stage in stages:
         for r, f in enumerate(figures[stage]):
@@ -161,7 +201,8 @@ def main(argv=None) -> int:
                   f"{total / MiB:>9.2f}  {f['partitioned_tensors']}")
     if 0 in figures and 3 in figures:
         print(f"ZeRO-3 params / stage-0 params on rank 0: {figures[3][0]['params'] / figures[0][0]['params']:.3f}")
-    print(json.dumps({"bench": "zero_memory", "world_size": args.world, "dtype": "fp32",
+    print(json.dumps({"bench": "zero_memory", "world_size": args.world, "dtype": "fp32", "backbone": bb,
+                      "zero_init": args.zero_init,
                       "model_params": first["model_params"], "trainable_params": first["trainable_params"],
                       "bytes_per_rank": {str(s): figures[s] for s in stages}}))
     return 0

@@ -39,11 +39,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dry-run-steps", type=int, default=2, metavar="N", help="--dry-run: optimizer steps per task")
     parser.add_argument("--dry-run-eval-images", type=int, default=64, metavar="N",
                         help="--dry-run: test images per evaluation (about; one batch per rank)")
+    plan = parser.add_argument_group("memory plan (sdlora_ds/plan.py): print per-GPU memory and exit, loading nothing")
+    plan.add_argument("--plan", action="store_true",
+                      help="print the per-GPU bytes of frozen parameters, adapters, gradients, optimizer states and "
+                           "activations, the total against --gpu-mem, and what to change if it does not fit")
+    plan.add_argument("--num_processes", type=int, default=None, metavar="N",
+                      help="--plan: GPUs (default: WORLD_SIZE, else 1)")
+    plan.add_argument("--gpu-mem", type=float, default=80.0, metavar="GiB", help="--plan: memory of one GPU")
+    plan.add_argument("--zero-stage", type=int, default=3, choices=(0, 2, 3),
+                      help="--plan: 0 = no DeepSpeed (accelerate_1gpu.yaml), 2 or 3 (accelerate_zero2/3.yaml)")
+    plan.add_argument("--offload", action="store_true",
+                      help="--plan: ZeRO-3 with parameters and optimizer on CPU (accelerate_zero3_offload.yaml)")
     return parser.parse_args(argv)
+
+
+def print_plan(args) -> int:
+    """--plan: the config's memory plan; nothing is loaded (no weights, no data, no process group)."""
+    from sdlora_ds.config import load_config
+    from sdlora_ds.plan import Setting, format_plan, make_plan
+    try:
+        n = args.num_processes or int(os.environ.get("WORLD_SIZE", "1"))
+        if n < 1 or args.gpu_mem <= 0:
+            raise ValueError(f"--num_processes {n} / --gpu-mem {args.gpu_mem}: both must be > 0")
+        if args.offload and args.zero_stage != 3:
+            raise ValueError("--offload plans ZeRO-3 parameter offload: use it with --zero-stage 3")
+        cfg = load_config(args.config, args.set)
+        print(format_plan(make_plan(cfg, Setting(n, args.gpu_mem, args.zero_stage, args.offload))), flush=True)
+    except ValueError as e:
+        return errors.report_error(e)
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plan:
+        return print_plan(args)
     try:
         cfg = load_and_check(args, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:  # user mistakes: one line naming the field/file and the fix

@@ -41,7 +41,8 @@ _BACKBONE_BUILDERS = {
 def missing_backbone_path(b: "BackboneConfig") -> ConfigError:
     """The error for a backbone.path that does not exist (preflight and the backbone loader), with a
     hint that fits the config: the script that builds a backbone of this repository's demos, the
-    timm weights a paper config expects (backbone.weights_name 'timm <name>'), else what a path may hold."""
+    timm weights a paper config expects (backbone.weights_name 'timm <name>'), the transformers folder a
+    large-backbone config expects ('transformers <hub name>'), else what a path may hold."""
     path = b.path
     name = os.path.basename(os.path.normpath(path))
     weights = (b.weights_name or "").strip()
@@ -53,6 +54,11 @@ def missing_backbone_path(b: "BackboneConfig") -> ConfigError:
                 f"on a machine that can download them, save `timm.create_model({timm_name!r}, "
                 f"pretrained=True).state_dict()` with safetensors.torch.save_file and copy the file there, or set "
                 f"backbone.path to a local copy (a transformers ViT folder of the same weights works too)")
+    elif weights.startswith("transformers "):
+        hub_name = weights[len("transformers "):].strip()
+        hint = (f"this config expects a transformers folder of {hub_name!r} there: on a machine that can download "
+                f"it, run `AutoModel.from_pretrained({hub_name!r}).save_pretrained(<folder>)` and copy the folder "
+                f"there, or set backbone.path to a local copy")
     else:
         hint = "point backbone.path at a local transformers ViT/DINOv2 folder or .safetensors file" + \
                (f" holding {weights!r}" if weights else "")
@@ -97,6 +103,14 @@ class BackboneConfig:
     """Register tokens (arch 'dinov2_with_registers', source='config'; files: read from the weights)."""
     layerscale_value: float = 1.0
     """Initial LayerScale value (DINOv2, source='config'; loaded weights carry their own)."""
+    swiglu: bool = False
+    """DINOv2's SwiGLU MLP (ViT-g/14; transformers' use_swiglu_ffn): gate/up/down projections whose
+    hidden width is 2/3 of mlp_size rounded up to a multiple of 8 (mlp_size 6144 -> 4096). DINOv2 only."""
+    check_shapes: bool = False
+    """true: the shape fields above (arch, hidden_size, num_layers, num_heads, mlp_size, patch_size,
+    image_size, swiglu, num_register_tokens for registers) describe the weights at `path`: the memory
+    plan (launch/train.py --plan) reads them before the weights are on disk, and a loaded backbone
+    whose shapes differ stops the run with the field named. false: the loaded weights decide."""
 
     def validate(self, p: str) -> None:
         if self.source not in ("pretrained", "config"):
@@ -117,6 +131,12 @@ class BackboneConfig:
                 _fail(f"{p}.mlp_size", self.mlp_size, f"DINOv2 needs a multiple of hidden_size={self.hidden_size}")
             if self.arch == "dinov2_with_registers" and self.num_register_tokens < 1:
                 _fail(f"{p}.num_register_tokens", self.num_register_tokens, "must be >= 1 (or use arch 'dinov2')")
+        if self.swiglu and self.arch not in ("dinov2", "dinov2_with_registers"):
+            _fail(f"{p}.swiglu", self.swiglu, f"the SwiGLU MLP exists in DINOv2 only (backbone.arch is {self.arch!r}); "
+                  "set backbone.arch to 'dinov2' or swiglu to false")
+        if self.check_shapes and (self.source != "pretrained" or self.arch is None):
+            _fail(f"{p}.check_shapes", self.check_shapes, "declared shapes describe loaded weights: needs "
+                  "source 'pretrained' and backbone.arch set")
 
 
 @dataclass
@@ -407,6 +427,10 @@ class TrainConfig:
     """Boundary diagnostics: test images of task 0's classes (the first in the test stream) whose
     CLS features are compared before/after every task boundary (results.json 'boundaries',
     TensorBoard 'boundary/'). 0 turns the feature probe off (adapter norms and jumps are still recorded)."""
+    activation_checkpointing: bool = False
+    """Keep only each backbone block's input during the forward and recompute the block in the backward
+    (torch.utils.checkpoint, non-reentrant): activation memory falls from every block's saved tensors to
+    one block's plus the block inputs, for about one extra forward of compute. Same gradients."""
 
     def validate(self, p: str) -> None:
         for name in ("log_every", "eval_batch", "keep_checkpoints"):

@@ -18,6 +18,9 @@ NON_COMPUTING = frozenset({
     "output_dir", "data.index", "backbone.path", "data.num_workers",  # where things are, how they are read
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",  # logging and saving cadence
     "dist.timeout_s",  # how long a collective waits
+    # memory only: the blocks are recomputed with the same kernels (bitwise the same gradients on CPU,
+    # tests/test_checkpoint.py), so a run that ran out of memory may resume with it on
+    "train.activation_checkpointing", "backbone.check_shapes",  # the declared shapes are checked, not used
 })
 
 RESUME_MAY_DIFFER = NON_COMPUTING | frozenset({

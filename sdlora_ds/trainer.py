@@ -256,7 +256,10 @@ class Trainer:
         self.engine, self.optimizer = self.acc.prepare(self.model, optimizer)
         if self.stage == 3:
             held, total, parts = held_elements(self.model)
-            self.print(f"ZeRO-3: rank 0 stores {held:,} of {total:,} parameter elements ({parts} partitioned tensors)")
+            off = [w for w, c in (("parameters", self.engine.zero_offload_param()),
+                                  ("optimizer", self.engine.zero_offload_optimizer())) if c and c.device != "none"]
+            self.print(f"ZeRO-3: rank 0 stores {held:,} of {total:,} parameter elements ({parts} partitioned tensors)"
+                       + (f"; offloaded to CPU: {', '.join(off)}" if off else ""))
         if self.pending_engine_state is not None:
             self.optimizer_state().load(self.pending_engine_state)
             self.pending_engine_state = None

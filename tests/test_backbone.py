@@ -30,8 +30,8 @@ def to_timm(vit) -> dict:
            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
            "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"],
-           "head.weight": torch.zeros(5, 32), "head.bias": torch.zeros(5)}
-    for i in range(2):
+           "head.weight": torch.zeros(5, vit.config.hidden_size), "head.bias": torch.zeros(5)}
+    for i in range(vit.config.num_hidden_layers):
         L = f"layers.{i}."
         for kind in ("weight", "bias"):
             out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([sd[f"{L}attention.{p}_proj.{kind}"] for p in "qkv"])
@@ -261,3 +261,88 @@ def test_dinov2_config_fields_are_validated():
     with pytest.raises(ConfigError, match="backbone.num_register_tokens"):
         BackboneConfig(source="config", arch="dinov2_with_registers", num_register_tokens=0,
                        **DINO).validate("backbone")
+
+
+# DINOv2 ViT-g/14's block at reduced depth: width 1536, 24 heads, SwiGLU MLP of 2/3 x 6144 = 4096.
+GIANT = dict(hidden_size=1536, num_layers=2, num_heads=24, mlp_size=6144, patch_size=14, image_size=28, swiglu=True)
+
+
+def test_giant_swiglu_backbone_roundtrips_exactly(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+    g = dino("dinov2", **GIANT)
+    mlp = g.encoder.layer[0].mlp
+    assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (4096, 4096, 4096)
+    x = torch.rand(2, 3, 28, 28)
+    want = cls_features(g, x)
+    declared = BackboneConfig(source="pretrained", arch="dinov2", check_shapes=True,
+                              **{k: v for k, v in GIANT.items()})
+    g.save_pretrained(tmp_path / "bb")
+    again = build_backbone(BackboneConfig(**{**declared.__dict__, "path": str(tmp_path / "bb")}))
+    assert again.config.use_swiglu_ffn
+    sd, sd2 = g.state_dict(), again.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert torch.equal(cls_features(again, x), want)
+    # The published facebook/dinov2-giant folder keeps the original layout: one fused `weights_in`
+    # (gate rows, then up rows) and `weights_out`, 4.x attention names. It must load to the same model.
+    hub = {}
+    for k, v in load_file(str(tmp_path / "bb" / "model.safetensors")).items():
+        k = k.replace("attention.q_proj", "attention.attention.query").replace(
+            "attention.k_proj", "attention.attention.key").replace("attention.v_proj", "attention.attention.value")
+        k = k.replace("attention.o_proj", "attention.output.dense").replace("mlp.down_proj", "mlp.weights_out")
+        if ".mlp.up_proj." in k:
+            continue
+        if ".mlp.gate_proj." in k:
+            k = k.replace("mlp.gate_proj", "mlp.weights_in")
+            v = torch.cat([v, sd[k.replace("mlp.weights_in", "mlp.up_proj")]], dim=0)  # (2h, d) / (2h,)
+        hub[k] = v.contiguous()
+    (tmp_path / "hub").mkdir()
+    save_file(hub, str(tmp_path / "hub" / "model.safetensors"), metadata={"format": "pt"})
+    with open(tmp_path / "hub" / "config.json", "w") as f:
+        json.dump(g.config.to_dict(), f)
+    from_hub = build_backbone(BackboneConfig(**{**declared.__dict__, "path": str(tmp_path / "hub")}))
+    sd3 = from_hub.state_dict()
+    assert sd3.keys() == sd.keys() and all(torch.equal(sd[k], sd3[k]) for k in sd)
+
+
+def test_weights_that_disagree_with_declared_shapes_are_one_line_naming_the_field(tmp_path):
+    m = dino("dinov2")
+    m.save_pretrained(tmp_path / "bb")
+    declared = dict(source="pretrained", path=str(tmp_path / "bb"), arch="dinov2", check_shapes=True, **DINO)
+    assert build_backbone(BackboneConfig(**declared)).config.num_hidden_layers == DINO["num_layers"]
+    for field, wrong in (("num_layers", 3), ("hidden_size", 64), ("swiglu", True), ("image_size", 56)):
+        with pytest.raises(ValueError) as e:
+            build_backbone(BackboneConfig(**{**declared, field: wrong}))
+        msg = str(e.value)
+        assert msg.startswith(f"config field 'backbone.{field}': the config declares {wrong!r}") and "\n" not in msg
+    assert build_backbone(BackboneConfig(**{**declared, "num_layers": 3, "check_shapes": False}))  # the weights decide
+
+
+def test_swiglu_and_check_shapes_are_validated():
+    from sdlora_ds.config import ConfigError
+    with pytest.raises(ConfigError, match="backbone.swiglu.*DINOv2 only"):
+        BackboneConfig(source="config", swiglu=True).validate("backbone")
+    with pytest.raises(ConfigError, match="backbone.check_shapes"):
+        BackboneConfig(source="config", arch="vit", check_shapes=True).validate("backbone")
+    with pytest.raises(ConfigError, match="backbone.check_shapes"):
+        BackboneConfig(source="pretrained", path="x", check_shapes=True).validate("backbone")  # arch unknown
+
+
+def test_vit_l16_timm_file_loads_exactly_with_its_declared_shapes(tmp_path):
+    """configs/imagenetr_b40_vitl16.json's shapes (width 1024, 16 heads, MLP 4096, 224 px) at 1 block."""
+    from sdlora_ds.config import load_config
+    from conftest import ROOT
+    declared = load_config(f"{ROOT}/configs/imagenetr_b40_vitl16.json").backbone
+    shapes = {k: getattr(declared, k) for k in ("hidden_size", "num_heads", "mlp_size", "patch_size", "image_size")}
+    torch.manual_seed(0)
+    vit = build_backbone(BackboneConfig(source="config", num_layers=1, **shapes))
+    if "layers.0.attention.q_proj.weight" not in vit.state_dict():
+        pytest.skip("test writes 5.x-style keys")
+    save_file(to_timm(vit), str(tmp_path / "vitl.safetensors"))
+    cfg = BackboneConfig(**{**declared.__dict__, "path": str(tmp_path / "vitl.safetensors"), "num_layers": 1})
+    loaded = build_backbone(cfg)
+    sd, sd2 = vit.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    with pytest.raises(ValueError, match="^config field 'backbone.num_layers': the config declares 24"):
+        build_backbone(BackboneConfig(**{**cfg.__dict__, "num_layers": 24}))

@@ -516,3 +516,15 @@ def test_fingerprints_written_before_sha256_still_match_their_backbone():
     assert fingerprint_matches([v * (1 + 1e-15) for v in legacy], current, model)  # last-digit noise
     assert not fingerprint_matches([legacy[0] + 1e-3, legacy[1]], current, model)  # another backbone
     assert not fingerprint_matches(current[:1] + ["0" * 64], current, model)
+
+
+def test_activation_checkpointing_resumes_a_plain_run_to_the_same_numbers(shards, full_run, tmp_path):
+    """Turned on when resuming a run that trained without it (what a run that ran out of memory
+    does): the rest of the run is bitwise the uninterrupted plain run (same kernels, recomputed)."""
+    from sdlora_ds.trainer import Trainer
+    out, ref = full_run
+    ck = os.path.join(out, "run", "checkpoints", "step-00000010")
+    got = Trainer(small(shards, tmp_path, train={"activation_checkpointing": True}), resume=ck).run()
+    assert got["config"]["train"]["activation_checkpointing"] is True
+    got["config"]["train"]["activation_checkpointing"] = False
+    assert comparable(got) == comparable(ref)

@@ -157,6 +157,8 @@ PLANS = {  # name: (accelerate config, processes, config overrides)
     "one": ("cpu", 1, {"optim": {"micro_batch": 4}, "train": {"keep_checkpoints": 20}}),  # 4 x accum 4 x 1
     "zero2": ("cpu_zero2", 2, {"optim": {"micro_batch": 4}}),  # micro 4 x accum 2 x 2
     "zero3": ("cpu_zero3", 2, {"optim": {"micro_batch": 4}}),  # every parameter partitioned
+    # parameters and optimizer offloaded to the CPU (the 24 GB-card path), with activation checkpointing
+    "zero3_offload": ("cpu_zero3_offload", 2, {"optim": {"micro_batch": 4}, "train": {"activation_checkpointing": True}}),
 }
 
 
@@ -195,6 +197,20 @@ def test_one_process_zero2_zero3_agree(runs):
     import re
     held, total = re.search(r"ZeRO-3: rank 0 stores ([\d,]+) of ([\d,]+) parameter", runs.log("zero3")).groups()
     assert int(held.replace(",", "")) < 0.55 * int(total.replace(",", ""))
+
+
+def test_zero3_offload_with_activation_checkpointing_agrees_with_one_process(runs):
+    """The offload path of launch/accelerate_zero3_offload.yaml on CPU processes (not its speed), with
+    the blocks recomputed under ZeRO-3 (DeepSpeed gathers each block's weights again for the recompute)."""
+    got = runs("zero3_offload")
+    assert (got["world_size"], got["micro_batch"], got["zero_stage"]) == (2, 4, 3)
+    assert got["config"]["train"]["activation_checkpointing"] is True
+    assert_agree(runs("one"), got, "ZeRO-3 offload + activation checkpointing")
+    import re
+    log = runs.log("zero3_offload")
+    held, total = re.search(r"ZeRO-3: rank 0 stores ([\d,]+) of ([\d,]+) parameter", log).groups()
+    assert int(held.replace(",", "")) < 0.55 * int(total.replace(",", ""))
+    assert "; offloaded to CPU: parameters, optimizer" in log and "offloaded" not in runs.log("zero3")
 
 
 def test_two_nodes_on_loopback(demo, runs):

@@ -79,12 +79,15 @@ def parsers() -> dict:
     import pretrain_demo_backbone
     import gpu_check
     import regime
+    import zero_memory
+    import activation_memory
     from accelerate.commands.launch import launch_command_parser
     out = {"train": _flags_of(train.parse_args),
            "accelerate": {s for a in launch_command_parser()._actions for s in a.option_strings},
            "launch/pretrain_demo_backbone.py": _flags_of(pretrain_demo_backbone.main),
            "bench/gpu_check.sh": _flags_of(gpu_check.main),
-           "bench/regime.py": _flags_of(regime.main)}
+           "bench/regime.py": _flags_of(regime.main), "bench/zero_memory.py": _flags_of(zero_memory.main),
+           "bench/activation_memory.py": _flags_of(activation_memory.main)}
     for name, spec in _scripts().items():
         out[name] = _flags_of(_entry(spec))
     for spec in ("sdlora_ds.kernels.compile_check:main",):

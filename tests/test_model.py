@@ -1,4 +1,5 @@
 """SDLoRAModel: what trains during a task, what stays bit-for-bit frozen, the growing head."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -94,3 +95,38 @@ def test_merged_eval_matches_and_restores():
     with m.merged_eval():
         torch.testing.assert_close(m(x), y)
     assert all(layer._merged is None for layer in m.layers)
+
+
+def _grads_after_one_backward(arch: str, checkpointing: bool) -> tuple:
+    """Trainable gradients of one backward at task 1 (frozen directions + current one), and how many
+    bytes autograd kept for the backward."""
+    bb = {"arch": arch, "patch_size": 7, "image_size": 28} if arch == "dinov2" else {}
+    size = bb.get("image_size", 32)
+    torch.manual_seed(0)
+    m = tiny_model(backbone=bb, data={"image_size": size, "test_resize": size},
+                   train={"activation_checkpointing": checkpointing})
+    gen = torch.Generator().manual_seed(1)
+    m.start_task(0, 2)
+    m.start_task(1, 2)
+    for layer in m.layers:  # B_cur starts at zero, which would leave dA_cur zero: give it a value
+        layer.b_cur.data.copy_(torch.randn(layer.b_cur.shape, generator=gen))
+    m.set_trainable()
+    m.train()
+    x, y = torch.rand(4, 3, size, size, generator=gen), torch.randint(0, 2, (4,), generator=gen)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        loss = F.cross_entropy(m(x)[:, 2:], y)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}, sum(kept)
+
+
+@pytest.mark.parametrize("arch", ["vit", "dinov2"])
+def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients(arch):
+    plain, kept_plain = _grads_after_one_backward(arch, False)
+    ckpt, kept_ckpt = _grads_after_one_backward(arch, True)
+    assert kept_ckpt < 0.6 * kept_plain  # the blocks' insides are recomputed, not kept
+    assert plain.keys() == ckpt.keys() and any("a_cur" in n for n in plain) and "magnitudes.m" in plain
+    for n in plain:
+        assert plain[n].abs().sum() > 0, n
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-6, atol=1e-7, msg=n)

