@@ -51,5 +51,5 @@ fi
 echo "== NCM"
 launch_one "$NCM" --set method=ncm "${EXTRA[@]}"
 echo
-echo "== SD-LoRA beside sequential LoRA and NCM (this run: class order seed 1993)"
+echo "== SD-LoRA beside sequential LoRA and NCM"
 "$PY" -m sdlora_ds.compare "runs/$SD" "runs/$SEQ" "runs/$NCM" --seeds docs/demo_compare/axis.json

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from sdlora_ds.report import Run, load_run, mean_std, method_label
+from sdlora_ds.report import Run, _pm, load_run, mean_std, method_label
 
 
 def diag_mean(acc: Sequence[Sequence[float]]) -> float:
@@ -91,11 +91,11 @@ def seeds_text(summary: dict, steps: Optional[int] = None) -> str:
     if key not in by_steps:
         raise ValueError(f"the seeds summary has step counts {sorted(by_steps)}; pass one of them")
     s = by_steps[key]
-    lines = [f"Over {s['n_seeds']} seeds of this setting ({summary['setting']}, {key} steps per task; measured by "
+    lines = [f"Over {s['n_seeds']} seed{'s' if s['n_seeds'] != 1 else ''} of this setting ({summary['setting']}, {key} steps per task; measured by "
              f"{summary['measured_by']}):"]
     for m in s["methods"].values():
-        lines.append(f"  {m['label']:<16} Last Acc {m['last_acc'][0]:.2f} ± {m['last_acc'][1]:.2f}, forgetting "
-                     f"{m['forgetting'][0]:.2f} ± {m['forgetting'][1]:.2f}, just-trained {m['just_trained'][0]:.2f}")
+        lines.append(f"  {m['label']:<16} Last Acc {_pm(*m['last_acc'])}, forgetting {_pm(*m['forgetting'])}, "
+                     f"just-trained {_pm(*m['just_trained'])}")
     for name, g in s["paired"].items():
         lines.append(f"  {name}, Last Acc per seed: {gap_text(g)}")
     return "\n".join(lines)
@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         runs = [load_run(os.path.join(d, "results.json")) for d in a.runs]
-        out = [table(runs), "", reading(runs)]
+        orders = sorted({r.order_seed for r in runs})
+        out = [f"This run: class order seed {', '.join(map(str, orders))}.", table(runs), "", reading(runs)]
         if a.seeds:
             with open(a.seeds) as f:
                 out += ["", seeds_text(json.load(f), a.steps)]
