@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .metrics import CELL_TEXT_MAX_TASKS, EDGE
+from .metrics import CELL_TEXT_MAX_TASKS, ends
 
 METRICS = ("norm_b", "norm_a", "norm_ba", "coef_before", "coef_after", "jump")
 GROUP_OF = {"q_proj": "q", "query": "q", "v_proj": "v", "value": "v"}
@@ -113,7 +113,7 @@ class BoundaryRecorder:
 
 
 def _record_lines(rec: dict) -> list:
-    """The lines of one boundary record; a long m_end shows its first and last EDGE values."""
+    """The lines of one boundary record; a long m_end shows its first and last metrics.EDGE values."""
     lines = []
     head = f"boundary {rec['task']} -> {rec['task'] + 1}"
     fb, fn = rec.get("feature_change_at_boundary"), rec.get("feature_change_after_next_task")
@@ -124,10 +124,8 @@ def _record_lines(rec: dict) -> list:
         feats.append(f"after the next task {fn:.4f}")
     lines.append(head + (": " + ", ".join(feats) if feats else ""))
     if "m_end" in rec:
-        m = [f"{v:.4f}" for v in rec["m_end"]]
-        if len(m) > 2 * EDGE:
-            m = m[:EDGE] + [f"... ({len(m) - 2 * EDGE} more) ..."] + m[-EDGE:]
-        lines.append("  magnitudes (m + k) at the end of the task: " + ", ".join(m))
+        m_end = ends([f"{v:.4f}" for v in rec["m_end"]])
+        lines.append("  magnitudes (m + k) at the end of the task: " + ", ".join(m_end))
     for g, metrics in rec.get("adapters", {}).items():
         parts = []
         for m in METRICS:

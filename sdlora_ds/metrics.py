@@ -47,6 +47,14 @@ CELL_TEXT_MAX_TASKS = 20
 EDGE = 5
 
 
+def ends(texts: list, most: int = 2 * EDGE) -> list:
+    """`texts` if it has at most `most` items, else its first and last EDGE with a count between
+    (per-task lists in log lines stay one line at any T)."""
+    if len(texts) <= most:
+        return list(texts)
+    return texts[:EDGE] + [f"... ({len(texts) - 2 * EDGE} more) ..."] + texts[-EDGE:]
+
+
 def task_ticks(T: int, most: int = 10) -> list:
     """Tick positions for T tasks on a heat map: every task up to `most`, else ~`most` round steps and the last."""
     if T <= most:

@@ -62,3 +62,11 @@ def test_task_ticks_stay_about_ten_and_end_at_the_last_task():
     for T in (21, 57, 100, 200, 1000):
         ticks = M.task_ticks(T)
         assert ticks[0] == 0 and ticks[-1] == T - 1 and 8 <= len(ticks) <= 13 and ticks == sorted(set(ticks))
+
+
+def test_ends_keeps_short_lists_and_cuts_long_ones_to_their_ends():
+    assert M.ends(["a", "b"]) == ["a", "b"]
+    assert M.ends([str(i) for i in range(10)]) == [str(i) for i in range(10)]
+    cut = M.ends([str(i) for i in range(200)])
+    assert cut == ["0", "1", "2", "3", "4", "... (190 more) ...", "195", "196", "197", "198", "199"]
+    assert M.ends([str(i) for i in range(20)], M.CELL_TEXT_MAX_TASKS) == [str(i) for i in range(20)]
