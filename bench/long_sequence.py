@@ -24,6 +24,7 @@ Prints a table and ends with ONE JSON line; no assertions.
 
     python bench/long_sequence.py                          # CPU defaults (see --help)
     python bench/long_sequence.py --tasks 1 50 200         # the short version
+    python bench/long_sequence.py --kd-fit-only --tasks 10 50 100 200   # SD-LoRA-KD's boundary fit
 """
 from __future__ import annotations
 
@@ -115,6 +116,30 @@ def checkpoint_costs(args, variant: str, t: int, rounds: int) -> dict:
     return {"bytes": size, "save_s": min(saves), "load_s": min(loads)}
 
 
+def kd_fit_costs(tasks: list, rank: int, clock) -> dict:
+    """SD-LoRA-KD's boundary fit (model/kd.py fit_direction) of one 768 x 768 projection holding
+    t - 1 earlier rank-`rank` directions, none folded: seconds on `clock`, the fitted count |P| and the
+    float64 design matrix's bytes (d_out d_in |P| x 8). ViT-B runs it for 24 projections per boundary."""
+    from torch import nn
+    from sdlora_ds.model.kd import fit_direction
+    from sdlora_ds.model.sdlora import Magnitudes, SDLoRALinear
+    g, out = torch.Generator().manual_seed(0), {}
+    for t in tasks:
+        if t < 2:
+            continue
+        mags = Magnitudes()
+        layer = SDLoRALinear(nn.Linear(768, 768), mags, impl="reference")
+        for _ in range(t):
+            mags.grow(1.0, True)
+            layer.add_direction(rank, generator=g)
+            layer.b_cur.data.normal_(0, 0.01, generator=g)
+            layer.freeze_current()
+        t0 = clock()
+        prev, _, _ = fit_direction(layer, t - 1)
+        out[t] = {"s": clock() - t0, "fitted": len(prev), "matrix_bytes": 768 * 768 * len(prev) * 8}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, nargs="+", default=[1, 10, 50, 100, 200])
@@ -131,11 +156,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ckpt-rounds", type=int, default=2)
     ap.add_argument("--impl", default="auto", choices=["auto", "reference", "triton"])
+    ap.add_argument("--kd-fit-only", action="store_true",
+                    help="time only SD-LoRA-KD's boundary fit of one ViT-B projection at each T (no steps)")
     add_timing_args(ap)
     args = ap.parse_args()
     assert args.device == "cpu", "this benchmark builds CPU models (bench/gpu_check.sh times the GPU)"
     clock = setup_timing(args)
     started = time.process_time()
+    if args.kd_fit_only:
+        fits = kd_fit_costs(args.tasks, args.rank, clock)
+        print(f"SD-LoRA-KD boundary fit of one 768 x 768 projection, {device_name('cpu')}, {args.clock} clock")
+        for t, f in fits.items():
+            print(f"  T={t}: {f['s']:.2f} s, {f['fitted']} directions fitted, design matrix "
+                  f"{f['matrix_bytes'] / 1e6:.0f} MB (float64); x24 projections per ViT-B boundary")
+        print(json.dumps({"bench": "long_sequence_kd_fit", "device": device_name("cpu"), "clock": args.clock,
+                          "rank": args.rank, "kd_fit_one_projection": {f"t{t}": {**f, "s": round(f["s"], 3)}
+                                                                       for t, f in fits.items()}}))
+        return
     g = torch.Generator().manual_seed(0)
     batch = (torch.rand(args.batch, 3, args.image_size, args.image_size, generator=g),
              torch.randint(0, args.classes_per_task, (args.batch,), generator=g))
