@@ -27,6 +27,8 @@ from typing import Optional
 
 import torch
 
+from .metrics import CELL_TEXT_MAX_TASKS, ends
+
 METRICS = ("norm_b", "norm_a", "norm_ba", "coef_before", "coef_after", "jump")
 GROUP_OF = {"q_proj": "q", "query": "q", "v_proj": "v", "value": "v"}
 
@@ -110,26 +112,60 @@ class BoundaryRecorder:
         self.end_features = None if f is None else torch.tensor(f["values"], dtype=torch.float64).reshape(f["shape"])
 
 
-def format_boundaries(records: list) -> str:
-    """A plain-text table of the boundary records (sdlora-diagnose)."""
+def _record_lines(rec: dict) -> list:
+    """The lines of one boundary record; a long m_end shows its first and last metrics.EDGE values."""
     lines = []
-    for rec in records:
-        head = f"boundary {rec['task']} -> {rec['task'] + 1}"
-        fb, fn = rec.get("feature_change_at_boundary"), rec.get("feature_change_after_next_task")
-        feats = []
-        if fb is not None:
-            feats.append(f"CLS feature change at the boundary {fb:.4f}")
-        if fn is not None:
-            feats.append(f"after the next task {fn:.4f}")
-        lines.append(head + (": " + ", ".join(feats) if feats else ""))
-        if "m_end" in rec:
-            lines.append("  magnitudes (m + k) at the end of the task: " + ", ".join(f"{v:.4f}" for v in rec["m_end"]))
-        for g, metrics in rec.get("adapters", {}).items():
-            parts = []
-            for m in METRICS:
-                s = metrics[m]
-                parts.append(f"{m} {_fmt(s['min'])}/{_fmt(s['median'])}/{_fmt(s['max'])}")
-            lines.append(f"  {g} (min/median/max over blocks): " + " | ".join(parts))
+    head = f"boundary {rec['task']} -> {rec['task'] + 1}"
+    fb, fn = rec.get("feature_change_at_boundary"), rec.get("feature_change_after_next_task")
+    feats = []
+    if fb is not None:
+        feats.append(f"CLS feature change at the boundary {fb:.4f}")
+    if fn is not None:
+        feats.append(f"after the next task {fn:.4f}")
+    lines.append(head + (": " + ", ".join(feats) if feats else ""))
+    if "m_end" in rec:
+        m_end = ends([f"{v:.4f}" for v in rec["m_end"]])
+        lines.append("  magnitudes (m + k) at the end of the task: " + ", ".join(m_end))
+    for g, metrics in rec.get("adapters", {}).items():
+        parts = []
+        for m in METRICS:
+            st = metrics[m]
+            parts.append(f"{m} {_fmt(st['min'])}/{_fmt(st['median'])}/{_fmt(st['max'])}")
+        lines.append(f"  {g} (min/median/max over blocks): " + " | ".join(parts))
+    return lines
+
+
+def _summary_lines(records: list) -> list:
+    """Over all boundaries: the feature changes and each adapter metric as min/median/max."""
+    lines = [f"{len(records)} boundaries (each in results.json 'boundaries'); over all of them, min/median/max:"]
+    for key, what in (("feature_change_at_boundary", "CLS feature change at the boundary"),
+                      ("feature_change_after_next_task", "after the next task")):
+        values = [(r[key], r["task"]) for r in records if r.get(key) is not None]
+        if values:
+            worst = max(values)
+            st = _stats([v for v, _ in values])
+            lines.append(f"  {what}: {st['min']:.4f}/{st['median']:.4f}/{st['max']:.4f} "
+                         f"(max at boundary {worst[1]} -> {worst[1] + 1})")
+    groups = sorted({g for r in records for g in r.get("adapters", {})})
+    for g in groups:
+        parts = []
+        for m in METRICS:
+            per = [r["adapters"][g][m] for r in records if g in r.get("adapters", {})]
+            parts.append(f"{m} {_fmt(min(p['min'] for p in per))}/"
+                         f"{_fmt(statistics.median(p['median'] for p in per))}/{_fmt(max(p['max'] for p in per))}")
+        lines.append(f"  {g}: " + " | ".join(parts))
+    return lines
+
+
+def format_boundaries(records: list) -> str:
+    """A plain-text table of the boundary records (sdlora-diagnose). Above CELL_TEXT_MAX_TASKS
+    boundaries it stays one screen: a summary over all boundaries, then the first and last two
+    in full (every record is in results.json)."""
+    if len(records) <= CELL_TEXT_MAX_TASKS:
+        return "\n".join(line for rec in records for line in _record_lines(rec))
+    lines = _summary_lines(records)
+    for rec in records[:2] + [None] + records[-2:]:
+        lines += ["..."] if rec is None else _record_lines(rec)
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import registry
+from .limits import check_plan
 
 
 class ConfigError(ValueError):
@@ -488,6 +489,8 @@ class RunConfig:
         if self.backbone.source == "config" and self.data.image_size != self.backbone.image_size:
             _fail("data.image_size", self.data.image_size,
                   f"must equal backbone.image_size={self.backbone.image_size}")
+        if self.backbone.source == "config":  # a pretrained backbone's width: the preflight reads it
+            check_plan(self, self.backbone.hidden_size)
         return self
 
     def _validate_method(self) -> None:

@@ -28,6 +28,8 @@ from typing import Optional
 
 import numpy as np
 
+from .metrics import CELL_TEXT_MAX_TASKS, task_ticks
+
 TB_DIR = "tensorboard"
 JSONL = "metrics.jsonl"
 # The rebuilt file's name sorts before every file a SummaryWriter creates (which start with the
@@ -191,32 +193,47 @@ def restore_tensorboard(tb_dir: str, keep: Optional[int], notes: list) -> int:
 # ---------------------------------------------------------------------- the matrix image
 def render_matrix(acc: list, acc_all: Optional[list] = None, dpi: int = 100) -> np.ndarray:
     """(H, W, 3) uint8 image of the accuracy matrix acc[t][j] (percent): rows 'after task t',
-    columns 'task j', then an 'all seen' column (acc_all[t]), each cell with its value, a
+    columns 'task j', then an 'all seen' column (acc_all[t]), each cell with its value (above
+    metrics.CELL_TEXT_MAX_TASKS tasks: a fixed-size heat map, no cell text, ~10 task ticks), a
     red-to-green colour map fixed to 0-100 % (low is red: forgetting stands out) and a colour bar.
     Rendered by matplotlib's Agg canvas (no display, no global pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     T = len(acc)
-    cols = T + (1 if acc_all is not None else 0)
+    cell_text = T <= CELL_TEXT_MAX_TASKS
+    # the all-seen column: one cell wide with cell text, ~5 % of the width on a heat map (visible)
+    all_w = 0 if acc_all is None else 1 if cell_text else max(1, round(T / 20))
+    cols = T + all_w
     grid = np.full((T, cols), np.nan)
     for t, row in enumerate(acc):
         grid[t, :len(row)] = row
         if acc_all is not None:
-            grid[t, T] = acc_all[t]
-    size = 1.6 + 0.62 * max(cols, 2)
-    fig = Figure(figsize=(size + 1.2, 1.3 + 0.5 * max(T, 2)), dpi=dpi)
+            grid[t, T:] = acc_all[t]
+    if cell_text:
+        size = 1.6 + 0.62 * max(cols, 2)
+        fig = Figure(figsize=(size + 1.2, 1.3 + 0.5 * max(T, 2)), dpi=dpi)
+    else:  # a heat map of fixed size: the per-cell figure would be ~12600 x 10000 px at T = 200
+        fig = Figure(figsize=(10.0, 8.0), dpi=dpi)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0.0, vmax=100.0, aspect="auto")
     fontsize = 10 if cols <= 12 else 8
-    for t in range(T):
-        for j in range(cols):
-            if not np.isnan(grid[t, j]):
-                ax.text(j, t, f"{grid[t, j]:.1f}", ha="center", va="center", fontsize=fontsize, color="black")
-    labels = [f"task {j}" for j in range(T)] + (["all seen"] if acc_all is not None else [])
-    ax.set_xticks(range(cols), labels, rotation=45 if cols > 6 else 0, ha="right" if cols > 6 else "center",
-                  fontsize=fontsize)
-    ax.set_yticks(range(T), [f"after task {t}" for t in range(T)], fontsize=fontsize)
+    if cell_text:
+        for t in range(T):
+            for j in range(cols):
+                if not np.isnan(grid[t, j]):
+                    ax.text(j, t, f"{grid[t, j]:.1f}", ha="center", va="center", fontsize=fontsize, color="black")
+        labels = [f"task {j}" for j in range(T)] + (["all seen"] if acc_all is not None else [])
+        ax.set_xticks(range(cols), labels, rotation=45 if cols > 6 else 0, ha="right" if cols > 6 else "center",
+                      fontsize=fontsize)
+        ax.set_yticks(range(T), [f"after task {t}" for t in range(T)], fontsize=fontsize)
+    else:
+        ticks = task_ticks(T)
+        ax.set_xticks(ticks + ([T + (all_w - 1) / 2] if acc_all is not None else []),
+                      [str(j) for j in ticks] + (["all"] if acc_all is not None else []), fontsize=fontsize)
+        ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=fontsize)
+        ax.set_xlabel("task evaluated", fontsize=fontsize)
+        ax.set_ylabel("after task", fontsize=fontsize)
     if acc_all is not None:
         ax.axvline(T - 0.5, color="black", linewidth=2)  # the all-seen column is not one task
     ax.set_title(f"accuracy (%) after each task ({T} task{'s' if T != 1 else ''})", fontsize=fontsize + 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from .config import ConfigError, RunConfig, load_config, missing_backbone_path, where
+from .limits import check_plan, pretrained_width
 
 
 def check_output_dir(cfg: RunConfig) -> None:
@@ -49,6 +50,8 @@ def check(cfg: RunConfig, resume, world_size: int = 1) -> None:
     b = cfg.backbone
     if b.source == "pretrained" and b.path and not os.path.exists(b.path):
         raise missing_backbone_path(b)
+    if b.source == "pretrained":  # the task-count limits of the stacked factors (limits.py)
+        check_plan(cfg, pretrained_width(b.path))
     from sdlora_ds.data.index import ShardIndex
     from sdlora_ds.data.remote import ReadPolicy
     index = ShardIndex.load(cfg.data.index, verify_checksums=False, clues=[cfg.name],

@@ -326,26 +326,37 @@ def plot_seen_accuracy(groups: Sequence[Group], path: str, band: str = "minmax",
 
 
 def plot_matrix(g: Group, path: str, dpi: int = 110) -> None:
-    """The group's mean accuracy matrix (cells: mean, and std when n > 1), 'all seen' column."""
+    """The group's mean accuracy matrix (cells: mean, and std when n > 1), 'all seen' column. Above
+    M.CELL_TEXT_MAX_TASKS tasks: a fixed-size heat map without cell text (the all-seen column ~5 %
+    of the width), so the figure stays readable and small at T = 200."""
     T = g.acc_mean.shape[0]
-    grid = np.concatenate([g.acc_mean, g.all_curve["mean"][:, None]], axis=1)  # (T, T + 1)
+    cell_text = T <= M.CELL_TEXT_MAX_TASKS
+    all_w = 1 if cell_text else max(1, round(T / 20))
+    grid = np.concatenate([g.acc_mean, np.repeat(g.all_curve["mean"][:, None], all_w, axis=1)], axis=1)
     spread = None
     if g.acc_std is not None:
         spread = np.concatenate([g.acc_std, g.all_curve["std"][:, None]], axis=1)
-    fig = _figure(2.2 + 0.9 * (T + 1), 1.6 + 0.6 * T, dpi)
+    fig = _figure(2.2 + 0.9 * (T + 1), 1.6 + 0.6 * T, dpi) if cell_text else _figure(10.0, 8.0, dpi)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0.0, vmax=100.0, aspect="auto")
     small = 8 if T <= 10 else 6
-    for t in range(T):
-        for j in range(T + 1):
-            if np.isnan(grid[t, j]):
-                continue
-            text = f"{grid[t, j]:.1f}" + (f"\n±{spread[t, j]:.1f}" if spread is not None else "")
-            ax.text(j, t, text, ha="center", va="center", fontsize=small,
-                    color="black" if grid[t, j] > 60 else "white")
-    ax.set_xticks(range(T + 1), [f"task {j}" for j in range(T)] + ["all seen"], fontsize=small,
-                  rotation=45 if T > 6 else 0)
-    ax.set_yticks(range(T), [f"after task {t}" for t in range(T)], fontsize=small)
+    if cell_text:
+        for t in range(T):
+            for j in range(T + 1):
+                if np.isnan(grid[t, j]):
+                    continue
+                text = f"{grid[t, j]:.1f}" + (f"\n±{spread[t, j]:.1f}" if spread is not None else "")
+                ax.text(j, t, text, ha="center", va="center", fontsize=small,
+                        color="black" if grid[t, j] > 60 else "white")
+        ax.set_xticks(range(T + 1), [f"task {j}" for j in range(T)] + ["all seen"], fontsize=small,
+                      rotation=45 if T > 6 else 0)
+        ax.set_yticks(range(T), [f"after task {t}" for t in range(T)], fontsize=small)
+    else:
+        ticks = M.task_ticks(T)
+        ax.set_xticks(ticks + [T + (all_w - 1) / 2], [str(j) for j in ticks] + ["all"], fontsize=8)
+        ax.set_yticks(ticks, [str(t) for t in ticks], fontsize=8)
+        ax.set_xlabel("task evaluated", fontsize=8)
+        ax.set_ylabel("after task", fontsize=8)
     ax.axvline(T - 0.5, color="white", linewidth=2)
     cells = "mean ± sample std" if spread is not None else "one seed"
     ax.set_title(f"{g.label} ({g.name}): accuracy (%), {cells} over {len(g.runs)} seed(s)", fontsize=small + 1)

@@ -469,7 +469,7 @@ class Trainer:
             self.log.scalar(f"eval/acc_task_{j}", v, t)
         self.log.acc_matrix(st.acc_matrix, st.acc_all, t)
         self.print(f"after task {t}: accuracy on all {self.schedule.end(t)} seen classes {st.acc_all[-1]:.2f}% | "
-                   f"per task {[round(v, 2) for v in row]}")
+                   f"per task [{', '.join(M.ends([str(round(v, 2)) for v in row], M.CELL_TEXT_MAX_TASKS))}]")
 
     def loader(self, t: int, train: bool, epoch: int = 0, start_batch: int = 0):
         d = self.cfg.data

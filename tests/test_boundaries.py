@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_config_dict
 from sdlora_ds.config import config_from_dict
-from sdlora_ds.boundaries import (BoundaryRecorder, format_boundaries, projection_group, relative_change,
+from sdlora_ds.boundaries import (METRICS, BoundaryRecorder, format_boundaries, projection_group, relative_change,
                                    summarize_adapters)
 from sdlora_ds.model import build_model
 
@@ -168,3 +168,30 @@ def test_diagnose_prints_a_runs_boundaries(tmp_path, capsys):
     assert "boundary 0 -> 1: CLS feature change at the boundary 0.5000" in out
     assert diagnose.main(["--run", str(tmp_path / "nowhere"), "--boundaries-only"]) == 2
     assert "results.json not found" in capsys.readouterr().err
+
+
+def _long_records(n: int) -> list:
+    groups = ("q", "v")
+    return [{"task": i, "feature_change_at_boundary": 0.01 * i, "feature_change_after_next_task": 0.5,
+             "m_end": [1.0] * (i + 2),
+             "adapters": {g: {m: {"min": 0.5, "median": 1.0, "max": 2.0 + i} for m in METRICS} for g in groups}}
+            for i in range(n)]
+
+
+def test_the_summary_of_hundreds_of_boundaries_stays_one_screen():
+    """199 boundaries (T = 200): a summary over all of them (min/median/max, where the largest
+    feature change is) and the first and last two in full, magnitude lists cut to their ends."""
+    text = format_boundaries(_long_records(199))
+    lines = text.splitlines()
+    assert len(lines) <= 25 and max(map(len, lines)) < 200, text
+    assert lines[0].startswith("199 boundaries")
+    assert "CLS feature change at the boundary: 0.0000/0.9900/1.9800 (max at boundary 198 -> 199)" in text
+    assert "q: norm_b 0.5/1/200" in text  # the max over every boundary's max
+    shown = [ln.split(":")[0] for ln in lines if ln.startswith("boundary ")]
+    assert shown == ["boundary 0 -> 1", "boundary 1 -> 2", "boundary 197 -> 198", "boundary 198 -> 199"]
+    assert "... (189 more) ..." in text
+    few = format_boundaries(_long_records(3))  # a short run: every record in full, as before
+    assert [ln for ln in few.splitlines() if ln.startswith("boundary ")] == \
+        ["boundary 0 -> 1: CLS feature change at the boundary 0.0000, after the next task 0.5000",
+         "boundary 1 -> 2: CLS feature change at the boundary 0.0100, after the next task 0.5000",
+         "boundary 2 -> 3: CLS feature change at the boundary 0.0200, after the next task 0.5000"]

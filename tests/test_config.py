@@ -47,6 +47,7 @@ BROKEN = [
     ({"bogus": 1}, "bogus"),
     ({"adapter": {"norm": "l2"}}, "adapter.norm"),
     ({"adapter": {"rank_schedule": [[1, 10]]}}, "adapter.rank_schedule"),
+    ({"adapter": {"rank": 64}}, "adapter.rank"),  # wider than the tiny backbone (limits.py)
     ({"adapter": {"kd": {"threshold": -1.0}}}, "adapter.kd.threshold"),
     ({"data": {"index": ""}}, "data.index"),
     ({"data": {"mean": [0.5, 0.5, 0.5]}}, "data.std"),

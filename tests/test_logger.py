@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdlora_ds import metrics as M
 from sdlora_ds.logger import (REBUILT, MetricLogger, event_files, raw_events, read_back, render_matrix,
                               restore_tensorboard)
 
@@ -142,3 +143,26 @@ def test_matrix_image_of_one_and_many_tasks():
     assert one.dtype == np.uint8 and one.shape[2] == 3
     assert many.shape[0] > one.shape[0] and many.shape[1] > one.shape[1]
     assert (render_matrix([[70.0]], [70.0]) == one).all()  # deterministic (logged images compare equal)
+
+
+def test_matrix_image_of_hundreds_of_tasks_is_a_fixed_size_heat_map():
+    """Above metrics.CELL_TEXT_MAX_TASKS tasks: no per-cell text, one fixed size whatever T (the
+    per-cell image of T = 200 would be ~12600 x 10000 px, and matplotlib refuses 2^16 px past
+    T ~ 1000), the all-seen column still visible at the right of the separator."""
+    def matrix(T):
+        return [[100.0 * (j % 2) for j in range(t + 1)] for t in range(T)], [20.0] * T
+    last_cells = render_matrix(*matrix(M.CELL_TEXT_MAX_TASKS))
+    small, big = render_matrix(*matrix(M.CELL_TEXT_MAX_TASKS + 1)), render_matrix(*matrix(200))
+    assert small.shape == big.shape == (800, 1000, 3)
+    assert last_cells.shape[0] > small.shape[0] and last_cells.shape[1] > small.shape[1]
+    # a cell-text image has dark digits inside the cells; the heat map's cell area is colour only
+    # (alternating 0 / 100 % columns: red and green stripes)
+    h, w, _ = big.shape
+    area = big[h // 4: 3 * h // 4, w // 3: w // 2].astype(int)
+    assert (area.sum(axis=2) < 150).sum() == 0
+    reds = (area[..., 0] > 150) & (area[..., 1] < 60)
+    greens = (area[..., 1] > 90) & (area[..., 0] < 60)
+    assert reds.sum() > 1000 and greens.sum() > 1000
+    # the all-seen column (20 %: orange-red) left of the colour bar
+    strip = big[h // 3: 2 * h // 3, int(0.84 * w): int(0.86 * w)].astype(int)
+    assert (strip[..., 0] > 200).mean() > 0.9 and (strip[..., 1] < 140).mean() > 0.9

@@ -39,3 +39,34 @@ def test_single_task_and_summary():
     assert "58.00" in text and text.count("\n") == 3
     with pytest.raises(AssertionError):
         M.summarize([[1.0, 2.0]], [1.0])
+
+
+def test_long_matrix_text_keeps_the_first_and_last_tasks():
+    """Above CELL_TEXT_MAX_TASKS tasks the printed table stays one screen: the first and last EDGE
+    rows and columns with a '...' between (issue 27: T = 200 would print 201 rows of 201 cells)."""
+    T = 200
+    acc = [[float(j) for j in range(t + 1)] for t in range(T)]
+    text = M.format_matrix(acc, [float(t) for t in range(T)])
+    lines = text.splitlines()
+    assert len(lines) == 1 + 2 * M.EDGE + 1 and max(map(len, lines)) < 120
+    assert lines[0].split()[1:] == ["T0", "T1", "T2", "T3", "T4", "...", "T195", "T196", "T197", "T198", "T199", "all"]
+    assert lines[-1].split() == ["T199", "0.00", "1.00", "2.00", "3.00", "4.00", "...", "195.00", "196.00", "197.00",
+                                 "198.00", "199.00", "199.00"]
+    assert lines[1].split() == ["T0", "0.00", "0.00"]  # row 0: one value, then 'all'
+    short = M.format_matrix(acc[:M.CELL_TEXT_MAX_TASKS], list(range(M.CELL_TEXT_MAX_TASKS)))
+    assert "..." not in short and len(short.splitlines()) == M.CELL_TEXT_MAX_TASKS + 1
+
+
+def test_task_ticks_stay_about_ten_and_end_at_the_last_task():
+    assert M.task_ticks(7) == list(range(7))
+    for T in (21, 57, 100, 200, 1000):
+        ticks = M.task_ticks(T)
+        assert ticks[0] == 0 and ticks[-1] == T - 1 and 8 <= len(ticks) <= 13 and ticks == sorted(set(ticks))
+
+
+def test_ends_keeps_short_lists_and_cuts_long_ones_to_their_ends():
+    assert M.ends(["a", "b"]) == ["a", "b"]
+    assert M.ends([str(i) for i in range(10)]) == [str(i) for i in range(10)]
+    cut = M.ends([str(i) for i in range(200)])
+    assert cut == ["0", "1", "2", "3", "4", "... (190 more) ...", "195", "196", "197", "198", "199"]
+    assert M.ends([str(i) for i in range(20)], M.CELL_TEXT_MAX_TASKS) == [str(i) for i in range(20)]

@@ -152,3 +152,25 @@ def test_cli(report, tmp_path):
     r = subprocess.run([sys.executable, "-m", "sdlora_ds.cli.report", "--runs", str(tmp_path / "none"), "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_matrix_plot_of_hundreds_of_tasks_is_a_heat_map(tmp_path):
+    """Above metrics.CELL_TEXT_MAX_TASKS tasks plot_matrix draws a fixed-size heat map without cell
+    text (the per-cell figure of T = 200 would be ~180 x 120 inches)."""
+    from sdlora_ds.report import Group, plot_matrix
+    sizes = {}
+    for T in (M.CELL_TEXT_MAX_TASKS, M.CELL_TEXT_MAX_TASKS + 1, 200):
+        acc = np.full((T, T), np.nan)
+        for t in range(T):
+            acc[t, :t + 1] = 100.0 * (np.arange(t + 1) % 2)
+        g = Group(name="g", label="SD-LoRA", runs=[None], acc_mean=acc,
+                  all_curve={"mean": np.full(T, 20.0), "std": np.zeros(T)})
+        plot_matrix(g, str(tmp_path / f"m{T}.png"))
+        sizes[T], img = _png(str(tmp_path / f"m{T}.png"))
+    assert sizes[200] == sizes[M.CELL_TEXT_MAX_TASKS + 1] == (1100, 880)  # 10 x 8 in at 110 dpi
+    assert sizes[M.CELL_TEXT_MAX_TASKS][0] > 1100
+    w, h = sizes[200]
+    area = img[int(0.7 * h): int(0.8 * h), int(0.15 * w): int(0.35 * w)]  # below the diagonal
+    # viridis: 0 % dark purple, 100 % yellow; no white/black digits in between
+    yellow = (area[..., 0] > 200) & (area[..., 1] > 200) & (area[..., 2] < 100)
+    assert yellow.mean() > 0.3 and ((area.sum(axis=2) > 700) | (area.sum(axis=2) < 30)).sum() == 0
