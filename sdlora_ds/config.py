@@ -16,11 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import registry
+from .errors import ConfigError  # defined with the other user errors; re-exported here, where it is raised most
 from .limits import check_plan
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or override (a ValueError, as every user error here)."""
 
 
 def where(path: str) -> str:

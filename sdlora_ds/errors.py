@@ -25,6 +25,10 @@ EXIT_USER = 2
 EXIT_STOPPED = 3
 EXIT_INTERRUPTED = 130
 
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override (a ValueError, as every user error here)."""
+
 _DURING_TRAINING = (("sdlora_ds.data.reader", "BadDataError"),
                     ("sdlora_ds.kernels.selfcheck", "KernelSelfCheckError"))
 

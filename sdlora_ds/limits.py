@@ -27,6 +27,9 @@ import json
 import os
 from typing import Optional
 
+from .errors import ConfigError
+from .registry import methods
+
 INT32_LIMIT = 2 ** 31  # offsets of the Triton kernels are int32: every offset must stay below this
 
 
@@ -59,9 +62,8 @@ def frozen_factor_bytes(adapter, num_tasks: int, d_in: int, d_out: int, projecti
 def check_plan(cfg, width: Optional[int]) -> None:
     """ConfigError if the run's plan exceeds a limit of the stacked factors (see the module doc);
     `width`: the backbone's hidden size (the adapted projections are width x width), None = unknown.
-    Only SD-LoRA stacks a direction per task; other methods have no per-task limit."""
-    from .config import ConfigError
-    if cfg.method != "sdlora" or width is None:
+    Only methods that stack a direction per task (registry: stacks_per_task) have a per-task limit."""
+    if width is None or not methods()[cfg.method].stacks_per_task:
         return
     a, T = cfg.adapter, cfg.cil.num_tasks
     ranks = [a.rank] if a.rank_schedule is None else [r for _, r in a.rank_schedule]

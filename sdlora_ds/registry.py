@@ -39,6 +39,9 @@ class Method:
     describe: Optional[Callable[[dict], str]] = None
     """Resolved config dict -> report label, for methods whose variants are switched on by config
     (SD-LoRA-RR / -KD); None: `label`."""
+    stacks_per_task: bool = False
+    """True when the method keeps one low-rank direction per task in the stacked low-rank op, so
+    the stack grows with the number of tasks (limits.py bounds its total rank)."""
 
     def label_of(self, config: dict) -> str:
         return self.describe(config) if self.describe is not None else self.label

@@ -189,4 +189,4 @@ class InfLoRAModel(TaskLoRAModel):
             layer.memory = layer.weight.new_zeros(layer.in_features, k)
 
 
-METHOD = Method(name="inflora", label="InfLoRA", model=InfLoRAModel, options=InfLoRAOptions)
+METHOD = Method(name="inflora", label="InfLoRA", model=InfLoRAModel, options=InfLoRAOptions, stacks_per_task=True)

@@ -177,4 +177,4 @@ class OLoRAModel(TaskLoRAModel):
         return {"orthogonality": self.orth_lambda * torch.stack(penalties).sum()} if penalties else {}
 
 
-METHOD = Method(name="olora", label="O-LoRA", model=OLoRAModel, options=OLoRAOptions)
+METHOD = Method(name="olora", label="O-LoRA", model=OLoRAModel, options=OLoRAOptions, stacks_per_task=True)

@@ -21,4 +21,5 @@ def describe(config: dict) -> str:
 
 
 METHOD = Method(name="sdlora", label="SD-LoRA", model=SDLoRAModel, describe=describe,
-                owns_adapter_fields=(("kd.enabled", False), ("rank_schedule", None), ("freeze", "normalize")))
+                owns_adapter_fields=(("kd.enabled", False), ("rank_schedule", None), ("freeze", "normalize")),
+                stacks_per_task=True)
