@@ -28,7 +28,7 @@ Stages:
   step counts; `all` does not include it.
 - check: the joint upper bound (all classes in one task) and the linear probe of --config at the first
   --seeds seed: is a setting learnable, and is there room above the frozen features? (how the default
-  demo's setting was vetted before any continual method ran on it; docs/demo_results.md).
+  demo's setting was vetted before any continual method ran on it; docs/demo_compare.md).
 --config picks another benchmark config (default configs/regime_mix.json); the steps of one epoch are
 read from it and its index (task 0's training images / global batch).
 Then `python bench/regime_report.py` writes the tables and plots. Ends with one JSON line.

@@ -73,8 +73,13 @@ def run_all(func: Callable, calls: Sequence[tuple], workers: int, on_result: Cal
     try:
         for args in calls:
             pool.apply_async(func, args, callback=ok, error_callback=bad)
-        while not wake.wait(0.1):  # a timeout, so that Ctrl-C is delivered to this thread
-            pass
+        # Poll the flag and sleep rather than block in wake.wait(): a Ctrl-C that lands inside
+        # Event.wait's lock handling may leave the event's lock held; the result-handler thread's next
+        # wake.set() would then block and pool.terminate() (which joins that thread) hang. time.sleep
+        # takes the KeyboardInterrupt with no lock held. (A loaded CI run once hung in the Ctrl-C test
+        # past 120 s; this is the suspected cause, not a reproduced one.)
+        while not wake.is_set():
+            time.sleep(0.1)
     finally:
         pool.terminate()  # at once: running calls die; what they were writing is a temporary file
         pool.join()
