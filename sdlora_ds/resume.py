@@ -203,12 +203,18 @@ def save_checkpoint(store: Checkpoints, state: TrainState, extra: dict, config: 
     if optimizer is not None:
         shared.update(optimizer.files())
     shape = state.last_shape()
-    meta = {"order": [state.global_step, 0 if task_end is None else 1], "global_step": state.global_step,
+    meta = {"order": checkpoint_order(state.global_step, task_end), "global_step": state.global_step,
             "position": sd["position"], "task_end": task_end, "world_size": shape.world_size,
             "zero_stage": shape.zero_stage, "optimizer_state": "none" if optimizer is None else optimizer.kind,
             "threads": shape.threads, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return store.save(checkpoint_name(state.global_step, task_end), meta, shared, write_torch(rng_state()),
                       None if optimizer is None else optimizer.collective())
+
+
+def checkpoint_order(global_step: int, task_end: Optional[int]) -> list:
+    """The manifest's sort key, oldest to newest: the step, then a task's end after its last step,
+    then the task: a method without optimizer steps (NCM) ends every task at global step 0."""
+    return [global_step, 0, -1] if task_end is None else [global_step, 1, task_end]
 
 
 # ---------------------------------------------------------------------- resuming

@@ -528,3 +528,17 @@ def test_activation_checkpointing_resumes_a_plain_run_to_the_same_numbers(shards
     assert got["config"]["train"]["activation_checkpointing"] is True
     got["config"]["train"]["activation_checkpointing"] = False
     assert comparable(got) == comparable(ref)
+
+
+def test_task_ends_at_one_global_step_resume_from_the_last_task(tmp_path):
+    """A method without optimizer steps (NCM) ends every task at global step 0: the newest checkpoint
+    is the last task's end, and keep-last-K keeps the last ones (it once picked task 0's end, so a
+    finished NCM run redid tasks 1-3 on `--resume auto`)."""
+    from sdlora_ds.resume import checkpoint_order
+    ck = Checkpoints(str(tmp_path / "ck"), keep=2, accelerator=OneProcess())
+    for task in range(4):
+        ck.save(f"step-00000000-task{task}-end", {"order": checkpoint_order(0, task), "task_end": task},
+                {"trainer.json": write_json({"t": task})}, write_torch({"rng": torch.arange(3)}))
+    assert sorted(os.listdir(ck.root)) == ["step-00000000-task2-end", "step-00000000-task3-end"]
+    assert os.path.basename(ck.newest()[0]) == "step-00000000-task3-end"
+    assert checkpoint_order(5, None) < checkpoint_order(5, 0) < checkpoint_order(6, None)
