@@ -144,26 +144,28 @@ def markdown(summary: dict, unfinished: list) -> str:
 
 
 def plot(summary: dict, path: str) -> None:
+    """Step counts as evenly spaced categories; the methods side by side within each (so one step
+    count still shows both spreads)."""
     fig = _figure(6.5, 4, 110)
     ax = fig.add_subplot(1, 1, 1)
-    xs = [int(s) for s in summary["steps"]]
-    for m, style in (("sdlora", "o-"), ("seq_lora", "s--")):
-        pts = [(x, summary["steps"][str(x)]["methods"].get(m)) for x in xs]
+    steps = list(summary["steps"])
+    for m, style, dx in (("sdlora", "o", -0.1), ("seq_lora", "s", 0.1)):
+        pts = [(i + dx, summary["steps"][k]["methods"].get(m)) for i, k in enumerate(steps)]
         pts = [(x, v) for x, v in pts if v]
         if not pts:
             continue
-        label = pts[0][1]["label"]
-        ax.errorbar([x for x, _ in pts], [v["last_acc"][0] for _, v in pts],
-                    yerr=[v["last_acc"][1] or 0 for _, v in pts], fmt=style, capsize=4, label=f"{label} (mean ± std)")
+        ax.errorbar([x for x, _ in pts], [v["last_acc"][0] for _, v in pts], yerr=[v["last_acc"][1] or 0 for _, v in pts],
+                    fmt=style + "-", capsize=4, label=f"{pts[0][1]['label']} (mean ± std; dots: seeds)")
         for x, v in pts:
-            ax.scatter([x] * len(v["seeds"]), [v["per_seed"][s]["last_acc"] for s in v["seeds"]], s=10, alpha=0.5)
+            ax.scatter([x] * len(v["seeds"]), [v["per_seed"][s]["last_acc"] for s in v["seeds"]], s=12, alpha=0.5)
     ncm = next((e["methods"]["ncm"] for e in summary["steps"].values() if "ncm" in e["methods"]), None)
-    if ncm and xs:
+    if ncm:
         mu, sd = ncm["last_acc"][0], ncm["last_acc"][1] or 0
         ax.axhspan(mu - sd, mu + sd, color="grey", alpha=0.2)
         ax.axhline(mu, color="grey", linestyle=":", label="NCM (no training steps)")
+    ax.set_xticks(range(len(steps)), steps)
+    ax.set_xlim(-0.6, len(steps) - 0.4)
     ax.set_xlabel("optimizer steps per task"), ax.set_ylabel("Last Acc (%)"), ax.legend(fontsize=7)
-    ax.set_xticks(xs)
     fig.tight_layout()
     fig.savefig(path)
 
