@@ -87,7 +87,11 @@ def test_pool_failure_stops_at_once_and_records_finished_shards(tmp_path):
 
 
 DRIVER = r"""
-import os, sys
+import os, signal, sys
+# Ctrl-C as at a terminal: exec keeps an ignored or blocked SIGINT, so a disposition the test process
+# picked up from an earlier test would reach this child and the converter would never see Ctrl-C.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
 sys.path[:0] = [{root!r}, {tests!r}]
 from shards import writer
 from test_writer import encode, jobs
@@ -124,7 +128,15 @@ def test_ctrl_c_stops_the_pool_with_one_line_and_keeps_finished_shards(tmp_path)
     out = str(tmp_path)
     proc, workers = start_driver(out)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # say what the driver was doing, for the next reader
+        status = [line.strip() for line in open(f"/proc/{proc.pid}/status") if line.startswith(("State", "Sig"))]
+        here = [line.strip() for line in open("/proc/self/status") if line.startswith(("SigIgn", "SigBlk"))]
+        workers = [c.pid for c in psutil.Process(proc.pid).children()]
+        proc.kill()
+        raise AssertionError(f"the converter did not stop on Ctrl-C within 120 s: driver {status}, test "
+                             f"process {here}, pool workers {workers}")
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.strip().startswith("interrupted:"), stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
