@@ -19,6 +19,7 @@ finished are listed, not guessed. Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -49,13 +50,15 @@ def collect(runs_dir: str) -> tuple[dict, list]:
     return found, unfinished
 
 
+@functools.lru_cache(maxsize=None)
+def boundaries(path: str) -> list:
+    """results.json's boundary records (load_run's Run does not keep them), read once per run."""
+    with open(path) as f:
+        return json.load(f).get("boundaries") or []
+
+
 def _jumps(run, proj: str) -> list:
-    return [b["adapters"][proj]["jump"]["median"] for b in run_results(run).get("boundaries", []) if "adapters" in b]
-
-
-def run_results(run) -> dict:
-    with open(run.path) as f:
-        return json.load(f)
+    return [b["adapters"][proj]["jump"]["median"] for b in boundaries(run.path) if "adapters" in b]
 
 
 def method_stats(by_seed: dict) -> dict:
@@ -92,8 +95,7 @@ def summarize(found: dict) -> dict:
 
 
 def _first_boundary(run) -> dict:
-    bs = run_results(run).get("boundaries") or [{}]
-    b = bs[0]
+    b = (boundaries(run.path) or [{}])[0]
     return {"q_jump": b.get("adapters", {}).get("q", {}).get("jump", {}).get("median"),
             "feature_change": b.get("feature_change_at_boundary")}
 
@@ -181,7 +183,8 @@ def main(argv=None) -> int:
     if not any(k is not None for k in found):
         print(f"error: no finished axis<steps>_<method>__s<seed> run under {a.runs}", file=sys.stderr)
         return 2
-    any_run = next(iter(next(iter(found[next(k for k in found if k is not None)].values())).values()))
+    any_run = next(r for steps, by_method in found.items() if steps is not None
+                   for by_seed in by_method.values() for r in by_seed.values())
     cfg = any_run.config
     setting = f"{any_run.dataset}, {cfg['cil']['num_tasks']} tasks of {cfg['cil']['increment'] or cfg['cil']['init_classes']} classes"
     summary = {"setting": setting, "measured_by": a.measured_by, "steps": summarize(found), "unfinished": unfinished}
