@@ -31,7 +31,15 @@ from sdlora_ds.fileio import atomic_write_json
 from sdlora_ds.report import _figure, load_run, mean_std, method_label
 
 RUN = re.compile(r"^axis(\d+)?_(\w+?)__s(\d+)$")
-PAIRS = (("sdlora", "seq_lora"), ("sdlora", "ncm"))  # (first, second): first minus second, per seed
+FIRST = ("seq_lora", "ncm")  # SD-LoRA is paired with these first, then with every other method present
+
+
+def pair_order(methods) -> list:
+    """SD-LoRA minus each other method of a step count (the paired test's second members): sequential
+    LoRA and NCM first (the demo's pairs), then the plug-ins and switches (olora, inflora, sdlora_rr, ...)
+    in name order. Each pair uses the seeds both methods have (a switch run on one seed pairs on that seed)."""
+    rest = sorted(m for m in methods if m not in FIRST and m != "sdlora")
+    return [m for m in FIRST if m in methods] + rest
 
 
 def collect(runs_dir: str) -> tuple[dict, list]:
@@ -75,16 +83,18 @@ def summarize(found: dict) -> dict:
     ncm = found.get(None, {}).get("ncm", {})
     table = {}
     for steps in sorted(k for k in found if k is not None):
-        methods = {m: method_stats(rs) for m, rs in sorted(found[steps].items())}
-        if ncm:
-            methods["ncm"] = method_stats(ncm)
+        runs = {**found[steps], **({"ncm": ncm} if ncm else {})}
+        # SD-LoRA, sequential LoRA, NCM, then the plug-ins and switches by name
+        methods = {m: method_stats(runs[m]) for m in (["sdlora"] if "sdlora" in runs else []) + pair_order(runs)}
         paired = {}
-        for a, b in PAIRS:
-            if a in methods and b in methods:
-                last = {m: {s: v["last_acc"] for s, v in methods[m]["per_seed"].items()} for m in (a, b)}
-                if set(last[a]) & set(last[b]):
-                    paired[f"{methods[a]['label']} - {methods[b]['label']}"] = paired_gap(last[a], last[b])
-        entry = {"n_seeds": min(len(v["seeds"]) for v in methods.values()), "methods": methods, "paired": paired}
+        if "sdlora" in methods:
+            for b in pair_order(methods):
+                last = {m: {s: v["last_acc"] for s, v in methods[m]["per_seed"].items()} for m in ("sdlora", b)}
+                if set(last["sdlora"]) & set(last[b]):
+                    paired[f"{methods['sdlora']['label']} - {methods[b]['label']}"] = paired_gap(last["sdlora"], last[b])
+        # the setting's seed count is SD-LoRA's (a switch run on one seed does not shrink it)
+        n = len(methods["sdlora"]["seeds"]) if "sdlora" in methods else max(len(v["seeds"]) for v in methods.values())
+        entry = {"n_seeds": n, "methods": methods, "paired": paired}
         sd = found[steps].get("sdlora", {})
         if sd:
             entry["sdlora_jump_median"] = {p: statistics.median(j for r in sd.values() for j in _jumps(r, p))
@@ -140,6 +150,16 @@ def markdown(summary: dict, unfinished: list) -> str:
             lines.append(f"| {steps} | {s} | {cell('sdlora', 'last_acc')} | {cell('seq_lora', 'last_acc')} | "
                          f"{cell('ncm', 'last_acc')} | {cell('sdlora', 'task0_at_end')} | "
                          f"{cell('seq_lora', 'task0_at_end')} | {qj} | {fc} |")
+    lines += ["", "Last Acc per seed, every method run at that step count (— : not run on that seed):", ""]
+    for steps, e in summary["steps"].items():
+        ms = e["methods"]
+        seeds = sorted({s for m in ms.values() for s in m["seeds"]})
+        lines += [f"| {steps} steps | " + " | ".join(m["label"] for m in ms.values()) + " |",
+                  "|---" * (len(ms) + 1) + "|"]
+        for s in seeds:
+            lines.append(f"| {s} | " + " | ".join("—" if s not in m["per_seed"] else f"{m['per_seed'][s]['last_acc']:.2f}"
+                                                 for m in ms.values()) + " |")
+        lines.append("")
     if unfinished:
         lines += ["", "Not finished: " + ", ".join(unfinished)]
     return "\n".join(lines) + "\n"
@@ -151,7 +171,7 @@ def plot(summary: dict, path: str) -> None:
     fig = _figure(6.5, 4, 110)
     ax = fig.add_subplot(1, 1, 1)
     steps = list(summary["steps"])
-    for m, style, dx in (("sdlora", "o", -0.1), ("seq_lora", "s", 0.1)):
+    for m, style, dx in (("sdlora", "o", -0.15), ("seq_lora", "s", -0.05), ("olora", "^", 0.05), ("inflora", "v", 0.15)):
         pts = [(i + dx, summary["steps"][k]["methods"].get(m)) for i, k in enumerate(steps)]
         pts = [(x, v) for x, v in pts if v]
         if not pts:

@@ -17,6 +17,9 @@ NCM = {1993: ([[80], [70, 60], [50, 50, 50]], [80, 65, 50]),  # forgetting ((80-
        1994: ([[80], [70, 60], [52, 50, 48]], [80, 65, 50]),
        1995: ([[80], [70, 60], [54, 50, 46]], [80, 65, 50])}
 
+OLORA = {1993: ([[90], [70, 70], [35, 45, 55]], [90, 70, 45]),  # Last 45, 54: SD-LoRA (50, 52) minus them = 5, -2
+         1994: ([[90], [70, 70], [44, 54, 64]], [90, 71, 54])}
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -26,6 +29,8 @@ def runs(tmp_path_factory):
             write_results(root, f"axis300_{method}", method, seed, acc, acc_all)
     for seed, (acc, acc_all) in NCM.items():
         write_results(root, "axis_ncm", "ncm", seed, acc, acc_all)
+    for seed, (acc, acc_all) in OLORA.items():  # a plug-in run on two of the three seeds
+        write_results(root, "axis300_olora", "olora", seed, acc, acc_all)
     return str(root)
 
 
@@ -62,12 +67,17 @@ def test_axis_report_and_the_demo_printout(runs, tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     summary = json.load(open(os.path.join(out, "axis.json")))
     s = summary["steps"]["300"]
-    assert s["n_seeds"] == 3 and set(s["methods"]) == {"sdlora", "seq_lora", "ncm"}
+    assert s["n_seeds"] == 3 and set(s["methods"]) == {"sdlora", "seq_lora", "ncm", "olora"}  # SD-LoRA's seeds
     assert s["methods"]["sdlora"]["last_acc"] == pytest.approx([52, 2])
     assert s["methods"]["seq_lora"]["just_trained"][0] == pytest.approx((70 + 72 + 74) / 3)  # diagonals 70, 72, 74
     gap = s["paired"]["SD-LoRA - seq. LoRA"]
     assert (gap["mean"], gap["std"], gap["positive"], gap["separated"]) == (pytest.approx(6), pytest.approx(4), 3, False)
     assert s["paired"]["SD-LoRA - NCM"]["diffs"] == pytest.approx([0, 2, 4])
+    olora = s["paired"]["SD-LoRA - O-LoRA"]  # over the two seeds both have: diffs 5, -2
+    assert olora["seeds"] == [1993, 1994] and olora["mean"] == pytest.approx(1.5) and olora["positive"] == 1
+    assert list(s["paired"])[:2] == ["SD-LoRA - seq. LoRA", "SD-LoRA - NCM"]
+    md = open(os.path.join(out, "axis.md")).read()
+    assert "| 1995 | 54.00 | 52.00 | 50.00 | — |" in md  # every method's Last Acc per seed: O-LoRA not run on 1995
     assert os.path.getsize(os.path.join(out, "axis.png")) > 1000 and "| 300 | 1994 | 52.00 | 46.00 | 50.00 |" in \
         open(os.path.join(out, "axis.md")).read()
     dirs = [os.path.join(runs, f"{g}__s1993") for g in ("axis300_sdlora", "axis300_seq_lora", "axis_ncm")]
