@@ -11,7 +11,10 @@
 #      (docs/demo_compare/axis.json, measured by bench/regime.py --stage axis over seeds 1993-1997)
 # Extra arguments go to every train.py (e.g. --set optim.epochs=2). A re-run resumes the run folders
 # (--resume auto): it continues an interrupted run, or reprints the results of a finished one.
-# NPROC=2 runs each method on two CPU processes, into its own folders (runs/demo_*_2proc).
+# NPROC=2 runs each method on two CPU processes, into its own folders (runs/demo_*_2proc), with bitwise
+# the same numbers: the config pins micro_batch 4, so one process accumulates two micro-batches of 4 and
+# two processes take one each (the same per-micro-batch gradients, summed once). Other NPROC values
+# are refused by the config check (8 samples per step do not split into micro-batches of 4 on 4 ranks).
 source "$(dirname "$0")/env.sh"
 NPROC="${NPROC:-1}"
 SUFFIX=""; [ "$NPROC" = "1" ] || SUFFIX="_${NPROC}proc"
@@ -24,7 +27,7 @@ fi
   --per-class-train 120 --per-class-test 60
 mkdir -p runs
 
-# One thread per process: the numbers do not depend on the machine (and equal bench/regime.py's seed-1993 runs).
+# One thread per process: the numbers do not depend on the machine (nor on NPROC 1 or 2).
 launch_one() {  # name, extra config overrides...
   local name="$1"; shift
   OMP_NUM_THREADS=1 "$PY" launch/run.py --config_file launch/accelerate_cpu.yaml --num_processes "$NPROC" \

@@ -157,6 +157,8 @@ PLANS = {  # name: (accelerate config, processes, config overrides)
     "one": ("cpu", 1, {"optim": {"micro_batch": 4}, "train": {"keep_checkpoints": 20}}),  # 4 x accum 4 x 1
     "zero2": ("cpu_zero2", 2, {"optim": {"micro_batch": 4}}),  # micro 4 x accum 2 x 2
     "zero3": ("cpu_zero3", 2, {"optim": {"micro_batch": 4}}),  # every parameter partitioned
+    "one_m8": ("cpu", 1, {"optim": {"micro_batch": 8}}),  # 8 x accum 2 x 1
+    "ddp2": ("cpu", 2, {"optim": {"micro_batch": 8}}),  # 8 x accum 1 x 2 (plain DDP)
     # parameters and optimizer offloaded to the CPU (the 24 GB-card path), with activation checkpointing
     "zero3_offload": ("cpu_zero3_offload", 2, {"optim": {"micro_batch": 4}, "train": {"activation_checkpointing": True}}),
 }
@@ -197,6 +199,27 @@ def test_one_process_zero2_zero3_agree(runs):
     import re
     held, total = re.search(r"ZeRO-3: rank 0 stores ([\d,]+) of ([\d,]+) parameter", runs.log("zero3")).groups()
     assert int(held.replace(",", "")) < 0.55 * int(total.replace(",", ""))
+
+
+def test_same_micro_batch_one_process_equals_two_bitwise(runs):
+    """With the per-rank micro-batch fixed, 1 process accumulating 2 micro-batches computes what 2
+    DDP processes do: the same per-micro-batch gradients, summed once (g1/2 + g2/2 == (g1 + g2)/2
+    exactly: halving is exact in binary floating point). So the run is bitwise the same, not only
+    within tolerance; configs/demo_animal_digits.json pins micro_batch for this (NPROC=2 demo)."""
+    one, two = runs("one_m8"), runs("ddp2")
+    assert (one["world_size"], one["grad_accum"], two["world_size"], two["grad_accum"]) == (1, 2, 2, 1)
+    a, b = same_run(one), same_run(two)
+    for k in ("world_size", "grad_accum"):
+        a.pop(k), b.pop(k)
+    assert a == b  # every loss, the accuracy matrices, the boundary records
+    import torch
+    m1, m2 = (torch.load(os.path.join(str(runs.root), n, "demo", "final_model.pt"), map_location="cpu")
+              for n in ("one_m8", "ddp2"))
+    flat = lambda d, p="": {k2: v2 for k, v in d.items() for k2, v2 in  # noqa: E731
+                            (flat(v, p + k + ".").items() if isinstance(v, dict) else [(p + k, v)])}
+    f1, f2 = flat(m1), flat(m2)
+    assert f1.keys() == f2.keys() and any(torch.is_tensor(v) for v in f1.values())
+    assert all(torch.equal(v, f2[k]) if torch.is_tensor(v) else v == f2[k] for k, v in f1.items())
 
 
 def test_zero3_offload_with_activation_checkpointing_agrees_with_one_process(runs):
