@@ -27,7 +27,7 @@ import torch
 
 from .config import DataConfig, RunConfig, load_config
 from .fileio import atomic_write
-from .resume import RUN_CONFIG, backbone_fingerprint, fingerprint_matches
+from .run_record import RUN_CONFIG, backbone_fingerprint, fingerprint_matches
 
 FINAL_MODEL = "final_model.pt"
 FORMAT = "sdlora-ds-final/1"

@@ -45,6 +45,7 @@ from .logger import MetricLogger, flatten
 from .model import build_model
 from .runlock import RunLock
 from . import resume as S
+from .run_record import RUN_CONFIG, backbone_fingerprint, backbone_record, config_record
 from .train_state import RunShape, TrainState
 
 
@@ -87,9 +88,9 @@ class Trainer:
         self.index.check_against(cfg.cil.num_classes, [cfg.data.train_split, cfg.data.test_split])
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg)  # cfg.method: 'sdlora' or a baseline
-        self.backbone = S.backbone_record(self.model, cfg)  # what was really loaded (results, config.json)
+        self.backbone = backbone_record(self.model, cfg)  # what was really loaded (results, config.json)
         # A resumed run must sit on the same backbone weights.
-        self.fingerprint = S.backbone_fingerprint(self.model)
+        self.fingerprint = backbone_fingerprint(self.model)
         self.lut = self.schedule.position_lookup(cfg.cil.num_classes)  # class id -> head row
         self.task_of_pos = self.schedule.task_of_position()
         self.state = TrainState()  # where the run stands: position, global step, metrics, launch segments
@@ -116,7 +117,7 @@ class Trainer:
             self.state.begin_segment(self.shape())
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            atomic_write_json(os.path.join(self.run_dir, S.RUN_CONFIG), S.config_record(self.cfg, self.backbone))
+            atomic_write_json(os.path.join(self.run_dir, RUN_CONFIG), config_record(self.cfg, self.backbone))
             self.ckpt.sweep()
         self.log = MetricLogger(self.run_dir, enabled=self.is_main, resume=log_resume)
         for note in self.log.notes:
@@ -483,7 +484,7 @@ class Trainer:
     def finish(self) -> dict:
         st, shape = self.state, self.shape()
         summary = M.summarize(st.acc_matrix, st.acc_all)
-        config = S.config_record(self.cfg, self.backbone)
+        config = config_record(self.cfg, self.backbone)
         results = {"method": self.cfg.method, "setting": self.schedule.name(), "dataset": self.index.dataset,
                    "backbone_weights": self.cfg.backbone.weights_name or self.cfg.backbone.path,
                    "backbone": self.backbone, "class_order": self.schedule.order, **summary,

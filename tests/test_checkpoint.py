@@ -507,7 +507,7 @@ def test_backbone_fingerprint_is_exact_and_independent_of_the_thread_count():
 
 
 def test_fingerprints_written_before_sha256_still_match_their_backbone():
-    from sdlora_ds.resume import backbone_fingerprint, fingerprint_matches
+    from sdlora_ds.run_record import backbone_fingerprint, fingerprint_matches
     model = torch.nn.Linear(384, 64)
     model.pretrained_keys = {"weight", "bias"}
     current = backbone_fingerprint(model)
