@@ -534,7 +534,7 @@ def test_task_ends_at_one_global_step_resume_from_the_last_task(tmp_path):
     """A method without optimizer steps (NCM) ends every task at global step 0: the newest checkpoint
     is the last task's end, and keep-last-K keeps the last ones (it once picked task 0's end, so a
     finished NCM run redid tasks 1-3 on `--resume auto`)."""
-    from sdlora_ds.resume import checkpoint_order
+    from sdlora_ds.checkpoint import checkpoint_order
     ck = Checkpoints(str(tmp_path / "ck"), keep=2, accelerator=OneProcess())
     for task in range(4):
         ck.save(f"step-00000000-task{task}-end", {"order": checkpoint_order(0, task), "task_end": task},
