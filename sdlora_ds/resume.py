@@ -128,4 +128,5 @@ def load_checkpoint(path: str, parts: CheckpointParts, store: Checkpoints, finge
                                        same_world=was.world_size == launch.world_size)
         torch.set_num_threads(threads)
         notes.insert(0, line)
-    return Restored(stored if kind != "none" else None, notes)
+    # a fresh view for the optimizer side: what was read here (model.pt's payload) is not held until then
+    return Restored(parts.read(path, rank) if kind != "none" else None, notes)

@@ -162,6 +162,28 @@ def test_resume_from_any_position_is_bitwise_exact(shards, full_run, tmp_path):
             assert comparable(json.load(f)) == comparable(ref)
 
 
+def test_checkpoints_keep_the_files_and_keys_earlier_versions_wrote(full_run):
+    """The files, trainer.json's keys (in order) and the torch files' keys of the checkpoints every
+    version since resume_config.json wrote (the parts registry changed none of them): a change here
+    must keep older checkpoints readable (checkpoint_parts.py: old_files, before)."""
+    out, _ = full_run
+    root = os.path.join(out, "run", "checkpoints")
+    shared = ["manifest.json", "model.pt", "rank00000.pt", "resume_config.json", "trainer.json"]
+    assert sorted(os.listdir(os.path.join(root, "step-00000010"))) == sorted(shared + ["optimizer.pt"])
+    end = os.path.join(root, "step-00000006-task0-end")
+    assert sorted(os.listdir(end)) == shared
+    with open(os.path.join(end, "trainer.json")) as f:
+        assert list(json.load(f)) == ["position", "global_step", "acc_matrix", "acc_all", "loss_log", "task_times",
+                                      "task_elapsed", "topologies", "magnitude_log", "events", "class_order",
+                                      "global_batch", "log_position", "boundaries"]
+    assert list(read_manifest(end)) == ["format", "name", "order", "global_step", "position", "task_end",
+                                        "world_size", "zero_stage", "optimizer_state", "threads", "created", "files"]
+    assert list(torch.load(os.path.join(end, "model.pt"), weights_only=True)) == ["structure", "state",
+                                                                                   "backbone_fingerprint"]
+    assert list(torch.load(os.path.join(end, "rank00000.pt"), weights_only=True)) == ["torch", "cuda", "numpy",
+                                                                                       "python"]
+
+
 def test_a_checkpoint_written_before_resume_config_json_still_resumes(shards, full_run, tmp_path):
     """Checkpoints once held the config as config.json (now resume_config.json, distinct from the run
     folder's config.json): such a checkpoint still resumes bitwise, and a config mismatch names it."""
