@@ -15,9 +15,9 @@ backward, SGD momentum step). Step times: process CPU time with 1 thread, the mi
 interleaved rounds (every variant and T alternate inside a round, so drift hits them alike). Peak
 step memory: train_step.peak_step_bytes (torch.profiler, max 'Total Allocated' during one step: what
 a step adds on top of the weights and buffers already allocated). Ratios to T = 1 come from this one
-run. Checkpoint: the trainer's model payload (resume.model_payload: structure + adapter state, the
+run. Checkpoint: the trainer's model payload (checkpoint_parts.model_payload: structure + adapter state, the
 frozen backbone excluded) written through checkpoint.Checkpoints (atomic folder, sha256 manifest) and
-read back with torch.load + resume.load_model_payload, at --ckpt-layers blocks (12 = ViT-B); its size
+read back with torch.load + checkpoint_parts.load_model_payload, at --ckpt-layers blocks (12 = ViT-B); its size
 on disk and wall-clock save/load times (minimum over --rounds).
 
 Prints a table and ends with ONE JSON line; no assertions.
@@ -43,7 +43,7 @@ from timing import STATS, add_timing_args, device_name, setup_timing  # noqa: E4
 from train_step import Runner, build_loop, build_ours, peak_step_bytes, timed  # noqa: E402
 from sdlora_ds.checkpoint import Checkpoints, write_torch  # noqa: E402
 from sdlora_ds.config import config_from_dict  # noqa: E402
-from sdlora_ds.resume import load_model_payload, model_payload  # noqa: E402
+from sdlora_ds.checkpoint_parts import load_model_payload, model_payload  # noqa: E402
 
 RR_SCHEDULE = [[0, 10], [4, 8], [8, 6]]  # SD-LoRA-RR (paper); the last rank continues to task T - 1
 
@@ -110,7 +110,7 @@ def checkpoint_costs(args, variant: str, t: int, rounds: int) -> dict:
             size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
             t0 = time.perf_counter()
             payload = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
-            load_model_payload(model, payload, path)
+            load_model_payload(model, payload, f"checkpoint {path!r}")
             loads.append(time.perf_counter() - t0)
             shutil.rmtree(store.root)
     return {"bytes": size, "save_s": min(saves), "load_s": min(loads)}

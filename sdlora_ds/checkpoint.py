@@ -1,5 +1,6 @@
 """Checkpoints: atomic folders with a manifest, discovery of the newest complete one, keep-last-K.
-What goes in is decided by the stateful parts (resume.py); this module writes and finds folders.
+What goes in is the registered stateful parts' (checkpoint_parts.py); this module writes and finds
+folders, and resume.py decides whether one fits a launch.
 
     run_dir/checkpoints/
       step-00000120/             mid-task, after optimizer step 120
@@ -37,6 +38,12 @@ def rank_file(rank: int) -> str:
 
 def checkpoint_name(global_step: int, task_end: Optional[int] = None) -> str:
     return f"step-{global_step:08d}" + ("" if task_end is None else f"-task{task_end}-end")
+
+
+def checkpoint_order(global_step: int, task_end: Optional[int]) -> list:
+    """The manifest's sort key, oldest to newest: the step, then a task's end after its last step,
+    then the task: a method without optimizer steps (NCM) ends every task at global step 0."""
+    return [global_step, 0, -1] if task_end is None else [global_step, 1, task_end]
 
 
 def _files(folder: str) -> list:

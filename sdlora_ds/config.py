@@ -4,7 +4,7 @@ Every field has a docstring (the string literal under it). Loading fails before 
 key is unknown, a value has the wrong type, or a value is impossible; the error names the dotted
 field, the value and what is allowed. `load_config(path, overrides)` is the one entry point;
 `config_to_dict` gives the resolved config (every field, defaults included), which the trainer
-writes into the run folder (resume.config_record).
+writes into the run folder (run_record.config_record).
 """
 from __future__ import annotations
 

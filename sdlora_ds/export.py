@@ -21,13 +21,15 @@ run_dir/final_model.pt, which Trainer.finish writes with `save_final_model`).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
+from .checkpoint_parts import load_model_payload, model_payload
 from .config import DataConfig, RunConfig, load_config
+from .distributed import is_partitioned
 from .fileio import atomic_write
-from .resume import RUN_CONFIG, backbone_fingerprint, fingerprint_matches
+from .run_record import RUN_CONFIG, backbone_fingerprint, fingerprint_matches
 
 FINAL_MODEL = "final_model.pt"
 FORMAT = "sdlora-ds-final/1"
@@ -48,6 +50,22 @@ def save_final_model(path: str, model, cfg: RunConfig, class_order: list, class_
                "class_order": list(class_order), "class_names": [class_names[c] for c in class_order]}
     payload["state"] = {k: v.detach().cpu() for k, v in payload["state"].items()}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def plain_model(model, fingerprint: list, is_main: bool, build_copy: Callable[[], object]):
+    """The trained model with every tensor whole, for the final model file. Under ZeRO-3 `model` is
+    partitioned: rank 0 rebuilds an ordinary copy (`build_copy()`, outside zero.Init) from the
+    adapter state (gathered: collective) instead of gathering the whole backbone; None on the other
+    ranks."""
+    if not any(is_partitioned(p) for p in model.parameters()):
+        return model
+    payload = model_payload(model, fingerprint)
+    if not is_main:
+        return None
+    copy = build_copy()
+    load_model_payload(copy, payload, "the trained model's adapter state")
+    copy.events = model.events
+    return copy
 
 
 def training_dir(run_dir: str, cfg: RunConfig) -> Optional[str]:

@@ -1,78 +1,42 @@
-"""What a trainer checkpoint holds, and how a run is put back from one. The functions take the
-stateful parts (TrainState, the model, the optimizer side, the checkpoint store), never the Trainer;
-checkpoint.py does the atomic writing and the finding.
+"""What a resume may change, and what it may not. The checkpoint's parts are saved and loaded by
+their registry (checkpoint_parts.py; the trainer registers them); this module reads what a checkpoint
+says about the run that wrote it and decides, before anything is loaded, whether this launch may
+continue it, and which parts come back:
 
-    trainer.json   TrainState.state_dict() (position, metrics, one RunShape per launch segment) + the
-                   loop's other state: model events, class order, global batch, boundary diagnostics,
-                   the logs' position (logger.py)
-    resume_config.json  the config as given (config_to_dict); a resume must use the same one up to
-                   RESUME_MAY_DIFFER (config_fields.py). Not the run folder's config.json (RUN_CONFIG:
-                   the config as run, read by sdlora-export/-report/-diagnose). Checkpoints written
-                   before the two had distinct names hold it as config.json: still read.
-    model.pt       model.structure() + adapter_state_dict() (gathered whole under ZeRO-3) + a
-                   backbone fingerprint
-    optimizer.pt   mid-task, without DeepSpeed: the torch optimizer's state (+ scaler.pt with fp16)
-    engine/        mid-task, under DeepSpeed: engine.save_checkpoint (sharded per rank)
-    rankNNNNN.pt   every rank's RNG states
-
-Task-end checkpoints hold no optimizer state (a fresh optimizer starts every task), so they resume
-exactly on any world size and ZeRO stage. A mid-task DeepSpeed checkpoint resumes only on its own
-world size and stage; anything else is refused with the newest task-end checkpoint as the fix. The
-thread count is state too (it orders float reductions): a resume continues with the recorded one.
+    config        resume_config.json, the config as given: the same up to RESUME_MAY_DIFFER
+                  (config_fields.py). Not the run folder's config.json (run_record.RUN_CONFIG: the
+                  config as run, read by sdlora-export/-report/-diagnose). Checkpoints written before
+                  the two had distinct names hold it as config.json: still read.
+    class order   the same
+    precision     the same mixed precision as the segment that wrote the checkpoint
+    backbone      the same weights (run_record.fingerprint_matches on model.pt's fingerprint)
+    engine        task-end checkpoints hold no optimizer state (a fresh optimizer starts every task),
+                  so they resume exactly on any world size and ZeRO stage. A mid-task DeepSpeed
+                  checkpoint resumes only on its own world size and stage; a mid-task checkpoint
+                  without DeepSpeed only without it; anything else is refused with the newest
+                  task-end checkpoint as the fix. Its optimizer side is loaded once the task's
+                  optimizer is built (Restored.pending).
+    RNG streams   restored on the same world size only (per rank)
+    threads       state too (they order float reductions): a resume continues with the recorded count
 """
 from __future__ import annotations
 
-import json
 import os
-import random
-import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
-import numpy as np
 import torch
 
-from .checkpoint import (CheckpointError, Checkpoints, checkpoint_name, rank_file, read_manifest, write_json,
-                         write_torch)
-from .config import config_to_dict
+from .checkpoint import CheckpointError, Checkpoints
+from .checkpoint_parts import CheckpointParts, Stored
 from .config_fields import RESUME_MAY_DIFFER
-from .distributed import gathered, is_partitioned
-from .fileio import tensor_sha256
 from .logger import flatten
+from .run_record import fingerprint_matches
 from .threads import resume_threads, threads_source
 from .train_state import RunShape, TrainState
 
-TRAIN_STATE_KEYS = frozenset(TrainState().state_dict())  # trainer.json's keys that TrainState owns
-RUN_CONFIG = "config.json"  # in the run folder: config_record, the config as run (the trainer writes it)
 RESUME_CONFIG = "resume_config.json"  # in a checkpoint: the config a resume is compared against
-_RESUME_CONFIG_BEFORE = "config.json"  # its name in checkpoints written before it had its own
-
-
-# ---------------------------------------------------------------------- what a run records about itself
-def backbone_record(model, cfg) -> dict:
-    """The backbone the run really uses, read from the loaded model (not the config's arch fields,
-    which a pretrained backbone ignores): model/backbone.py's describe_backbone, plus the MLP width,
-    the LayerNorm epsilon and where the weights came from."""
-    from .model.backbone import describe_backbone
-    bb, c = model.backbone, model.backbone.config
-    rec = describe_backbone(bb)
-    mlp = getattr(c, "intermediate_size", None) or int(round(getattr(c, "mlp_ratio", 0) * c.hidden_size))
-    rec.update(mlp_size=int(mlp), layer_norm_eps=float(c.layer_norm_eps), source=cfg.backbone.source,
-               path=cfg.backbone.path, weights_name=cfg.backbone.weights_name)
-    return rec
-
-
-def config_record(cfg, backbone: dict) -> dict:
-    """The resolved config as run: the backbone section's architecture fields hold the loaded
-    model's values (for source='pretrained' the configured ones are unused defaults). Loading it
-    again builds the same run (sdlora-export does)."""
-    d = config_to_dict(cfg)
-    b = d["backbone"]
-    for key in ("hidden_size", "num_layers", "num_heads", "mlp_size", "patch_size", "image_size", "layer_norm_eps"):
-        b[key] = backbone[key]
-    b["arch"] = backbone["arch"]
-    b["num_register_tokens"] = backbone.get("num_register_tokens", 0)  # 0: an architecture without registers
-    return d
+RESUME_CONFIG_BEFORE = "config.json"  # its name in checkpoints written before it had its own
 
 
 def resume_line(path: str, position, global_step: int, cfg) -> str:
@@ -89,149 +53,16 @@ def resume_line(path: str, position, global_step: int, cfg) -> str:
             f"(global step {global_step})")
 
 
-def _per_pretrained_tensor(model, fn) -> list:
-    """[fn(tensor) for every pretrained tensor, by name]. Under ZeRO-3 the backbone may be
-    partitioned from construction on (transformers builds it inside zero.Init): each tensor is
-    gathered in turn (collective; one tensor at a time, never the whole backbone)."""
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers())
-    out = []
-    for k in sorted(model.pretrained_keys):
-        with gathered([tensors[k]]):
-            out.append(fn(tensors[k]))
-    return out
-
-
-def backbone_fingerprint(model) -> list:
-    """sha256 of every pretrained tensor's bytes (fileio.tensor_sha256)."""
-    return _per_pretrained_tensor(model, tensor_sha256)
-
-
-def fingerprint_matches(saved: list, current: list, model) -> bool:
-    """Does a saved fingerprint describe `model`'s backbone? `current` = backbone_fingerprint(model).
-    Files written before the sha256 fingerprints hold float64 sums, whose last digits depend on the
-    thread count: those are compared to a relative 1e-9 (a changed backbone moves them far more)."""
-    if saved and isinstance(saved[0], float):
-        sums = _per_pretrained_tensor(model, lambda t: float(t.detach().cpu().double().sum()))
-        return len(sums) == len(saved) and all(abs(a - b) <= 1e-9 * max(1.0, abs(b)) for a, b in zip(sums, saved))
-    return saved == current
-
-
-def model_payload(model, fingerprint: list) -> dict:
-    """structure + adapter state (whole, on the CPU) + fingerprint. Collective under ZeRO-3: every
-    adapter tensor outside the frozen backbone is a trainable parameter of the current task (the
-    frozen directions are buffers, never partitioned), so gathering those is enough."""
-    with gathered(model.trainable_parameters()):  # structure() reads shapes: placeholders are [0]
-        state = {k: v.detach().clone().cpu() for k, v in model.adapter_state_dict().items()}
-        structure = model.structure()
-    return {"structure": structure, "state": state, "backbone_fingerprint": fingerprint}
-
-
-def load_model_payload(model, payload: dict, where: str) -> None:
-    model.restore_structure(payload["structure"])
-    missing, unexpected = model.load_state_dict(payload["state"], strict=False)
-    if unexpected or set(missing) != set(model.pretrained_keys):
-        extra = sorted(set(missing) - model.pretrained_keys)[:4]
-        raise CheckpointError(f"checkpoint {where!r} does not match the model this config builds: missing {extra}, "
-                              f"unexpected {sorted(unexpected)[:4]}")
-
-
-def rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "python": random.getstate()}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    name, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(s["python"])
-
-
-class OptimizerState:
-    """The optimizer side of a mid-task checkpoint (task-end checkpoints have none: a fresh optimizer
-    starts every task). Without DeepSpeed: the torch optimizer's state, complete on every rank (+ the
-    fp16 loss scaler). Under DeepSpeed: the engine's, sharded per rank and saved collectively (the
-    frozen backbone excluded: it is the pretrained file, and under ZeRO-3 every rank's part of it)."""
-
-    def __init__(self, optimizer, engine=None, scaler=None):
-        self.optimizer, self.engine, self.scaler = optimizer, engine, scaler
-        self.kind = "deepspeed" if engine is not None else "torch"
-
-    def files(self) -> dict:
-        if self.kind == "deepspeed":
-            return {}
-        files = {"optimizer.pt": write_torch(self.optimizer.state_dict())}
-        if self.scaler is not None:
-            files["scaler.pt"] = write_torch(self.scaler.state_dict())
-        return files
-
-    def collective(self) -> Optional[Callable[[str], None]]:
-        if self.kind != "deepspeed":
-            return None
-        return lambda folder: self.engine.save_checkpoint(folder, tag="engine", save_latest=False,
-                                                          exclude_frozen_parameters=True)
-
-    def load(self, path: str) -> None:
-        """Into the optimizer/engine just built for the checkpoint's task."""
-        if self.kind == "deepspeed":
-            load_path, _ = self.engine.load_checkpoint(path, tag="engine", load_module_strict=False,
-                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
-            if load_path is None:
-                raise CheckpointError(f"checkpoint {path!r}: DeepSpeed could not load its engine state from engine/")
-            return
-        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-        if self.scaler is not None and os.path.exists(os.path.join(path, "scaler.pt")):
-            self.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=True))
-
-
-# ---------------------------------------------------------------------- saving
-def save_checkpoint(store: Checkpoints, state: TrainState, extra: dict, config: dict, model: dict,
-                    optimizer: Optional[OptimizerState], task_end: Optional[int] = None) -> str:
-    """Checkpoint the run where `state` stands (every rank calls this). trainer.json = state + `extra`
-    (the loop's other JSON-able state); `model` = model_payload(...); task_end=t: right after task t's
-    evaluation, no optimizer; None: mid-task, after an optimizer step, with `optimizer`."""
-    assert (task_end is None) == (optimizer is not None), "mid-task checkpoints and only they hold the optimizer"
-    sd = state.state_dict()
-    shared = {"trainer.json": write_json({**sd, **extra}), RESUME_CONFIG: write_json(config),
-              "model.pt": write_torch(model)}
-    if optimizer is not None:
-        shared.update(optimizer.files())
-    shape = state.last_shape()
-    meta = {"order": checkpoint_order(state.global_step, task_end), "global_step": state.global_step,
-            "position": sd["position"], "task_end": task_end, "world_size": shape.world_size,
-            "zero_stage": shape.zero_stage, "optimizer_state": "none" if optimizer is None else optimizer.kind,
-            "threads": shape.threads, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return store.save(checkpoint_name(state.global_step, task_end), meta, shared, write_torch(rng_state()),
-                      None if optimizer is None else optimizer.collective())
-
-
-def checkpoint_order(global_step: int, task_end: Optional[int]) -> list:
-    """The manifest's sort key, oldest to newest: the step, then a task's end after its last step,
-    then the task: a method without optimizer steps (NCM) ends every task at global step 0."""
-    return [global_step, 0, -1] if task_end is None else [global_step, 1, task_end]
-
-
 # ---------------------------------------------------------------------- resuming
-def check_config(saved: dict, current: dict, where: str) -> None:
+def check_config(saved: dict, current: dict, path: str, file: str) -> None:
+    """`saved`: the config in checkpoint `path`'s `file`, named in the fix."""
     a, b = flatten(saved), flatten(current)
     diff = sorted(k for k in set(a) | set(b) if k not in RESUME_MAY_DIFFER and a.get(k) != b.get(k))
     if diff:
         shown = "; ".join(f"'{k}': checkpoint {a.get(k)!r}, this run {b.get(k)!r}" for k in diff[:4])
-        raise CheckpointError(f"checkpoint {where!r} was written by a run with another config ({shown}"
-                              f"{'; ...' if len(diff) > 4 else ''}); resume with the original config "
-                              f"({os.path.join(where, _resume_config_name(where))}) or start a new run under "
-                              f"another name")
-
-
-def _resume_config_name(path: str, man: Optional[dict] = None) -> str:
-    files = (man or read_manifest(path))["files"]
-    return RESUME_CONFIG if RESUME_CONFIG in files else _RESUME_CONFIG_BEFORE
+        raise CheckpointError(f"checkpoint {path!r} was written by a run with another config "
+                              f"({shown}{'; ...' if len(diff) > 4 else ''}); resume with the original config "
+                              f"({os.path.join(path, file)}) or start a new run under another name")
 
 
 def task_end_fallback(store: Checkpoints) -> str:
@@ -243,36 +74,32 @@ def task_end_fallback(store: Checkpoints) -> str:
 
 @dataclass
 class Restored:
-    """What load_checkpoint hands back beyond the model it filled."""
-    state: TrainState  # where the checkpoint stands
-    extra: dict  # trainer.json beyond TrainState: events, class order, boundaries, ...
-    log_position: dict  # for MetricLogger(resume=...)
-    engine_state: Optional[str]  # mid-task: load into the optimizer once built (OptimizerState.load)
+    """What load_checkpoint hands back beyond the parts it put back."""
+    pending: Optional[Stored]  # mid-task: the optimizer side, to load once built (parts.names(mid_task=True))
     notes: list  # lines to print
 
 
-def load_checkpoint(path: str, store: Checkpoints, model, fingerprint: list, config: dict, class_order: list,
-                    launch: RunShape, rank: int) -> Restored:
+def load_checkpoint(path: str, parts: CheckpointParts, store: Checkpoints, fingerprint: list, model, config: dict,
+                    class_order: list, launch: RunShape, rank: int) -> Restored:
     """Check that checkpoint `path` fits this launch (config, class order, precision, backbone,
-    engine layout), then put `model` (freshly built) back where it was taken, with this rank's RNG
-    states and the recorded thread count; its TrainState is returned. `launch`: this launch's shape."""
-    man = read_manifest(path)
-    with open(os.path.join(path, "trainer.json")) as f:
-        saved = json.load(f)
-    with open(os.path.join(path, _resume_config_name(path, man))) as f:
-        check_config(json.load(f), config, path)
-    if saved["class_order"] != class_order:
-        raise CheckpointError(f"checkpoint {path!r} has class order {saved['class_order'][:8]}..., this run "
+    engine layout), then put the registered parts back where it was taken (this rank's RNG streams
+    only on the same world size) and continue with the recorded thread count. `fingerprint`: this
+    launch's backbone_fingerprint(model); `launch`: this launch's shape."""
+    stored = parts.read(path, rank)
+    man = stored.manifest
+    check_config(stored.state("config"), config, path, stored.file("config"))
+    saved_order = stored.state("class_order")
+    if saved_order != class_order:
+        raise CheckpointError(f"checkpoint {path!r} has class order {saved_order[:8]}..., this run "
                               f"{class_order[:8]}...; resume with the original config")
-    state = TrainState()
-    state.load_state_dict(saved)
-    was = state.last_shape()
+    saved = TrainState()
+    saved.load_state_dict(stored.state("train_state"))
+    was = saved.last_shape()
     if was.mixed_precision != launch.mixed_precision:
         raise CheckpointError(f"checkpoint {path!r} was trained with mixed precision {was.mixed_precision!r}, "
                               f"this launch resolves {launch.mixed_precision!r}; relaunch with the same "
                               f"accelerate config or set dist.mixed_precision={was.mixed_precision!r}")
-    payload = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
-    if not fingerprint_matches(payload["backbone_fingerprint"], fingerprint, model):
+    if not fingerprint_matches(stored.state("model")["backbone_fingerprint"], fingerprint, model):
         raise CheckpointError(f"config field 'backbone.path': {config['backbone']['path']!r} does not hold the "
                               f"weights checkpoint {path!r} was trained on (fingerprint mismatch); use the original "
                               f"backbone")
@@ -289,36 +116,17 @@ def load_checkpoint(path: str, store: Checkpoints, model, fingerprint: list, con
         raise CheckpointError(
             f"checkpoint {path!r} was written mid-task without DeepSpeed; this launch uses {this}. Relaunch without "
             f"DeepSpeed, or {task_end_fallback(store)}")
-    load_model_payload(model, payload, path)
-    notes = []
-    if state.task < config["cil"]["num_tasks"]:  # a finished run computes nothing more
-        threads, line = resume_threads(was.threads, torch.get_num_threads(), threads_source(),
-                                       same_world=was.world_size == launch.world_size)
-        torch.set_num_threads(threads)
-        notes.append(line)
-    if saved_world == launch.world_size:
-        set_rng_state(torch.load(os.path.join(path, rank_file(rank)), weights_only=True))
-    else:
+    notes, names = [], parts.names()
+    if saved_world != launch.world_size:
+        names.remove("rng")
         notes.append(f"note: checkpoint written by {saved_world} process(es), resumed by {launch.world_size}: the "
                      f"same global batches follow; per-rank RNG states are not restored (training draws from none: "
                      f"factors, order and augmentation are seeded explicitly)")
-    extra = {k: v for k, v in saved.items() if k not in TRAIN_STATE_KEYS}
-    # checkpoints from before event counting hold the metrics.jsonl length only
-    log_position = saved.get("log_position") or {"tb_events": None, "jsonl_bytes": saved.get("log_jsonl_bytes", 0)}
-    return Restored(state, extra, log_position, path if kind != "none" else None, notes)
-
-
-def plain_model(model, fingerprint: list, is_main: bool, build_copy: Callable[[], object]):
-    """The trained model with every tensor whole, for the final model file. Under ZeRO-3 `model` is
-    partitioned: rank 0 rebuilds an ordinary copy (`build_copy()`, outside zero.Init) from the
-    adapter state (gathered: collective) instead of gathering the whole backbone; None on the other
-    ranks."""
-    if not any(is_partitioned(p) for p in model.parameters()):
-        return model
-    payload = model_payload(model, fingerprint)
-    if not is_main:
-        return None
-    copy = build_copy()
-    load_model_payload(copy, payload, "the trained model")
-    copy.events = model.events
-    return copy
+    parts.load(stored, names)
+    if saved.task < config["cil"]["num_tasks"]:  # a finished run computes nothing more
+        threads, line = resume_threads(was.threads, torch.get_num_threads(), threads_source(),
+                                       same_world=was.world_size == launch.world_size)
+        torch.set_num_threads(threads)
+        notes.insert(0, line)
+    # a fresh view for the optimizer side: what was read here (model.pt's payload) is not held until then
+    return Restored(parts.read(path, rank) if kind != "none" else None, notes)

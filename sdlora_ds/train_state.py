@@ -7,7 +7,8 @@
                 accuracy rows, losses, task times, magnitude trajectory and one topology per launch
                 segment (RunShape + where the segment began), with state_dict/load_state_dict.
 
-Both are plain data: nothing here touches torch's state, the model or the files (resume.py does).
+Both are plain data: nothing here touches torch's state, the model or the files (TrainState is one
+of the checkpoint's registered parts: checkpoint_parts.py saves and loads it).
 """
 from __future__ import annotations
 

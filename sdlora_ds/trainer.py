@@ -7,9 +7,10 @@
 Every rank runs the same loop with the same decisions (class order, schedule, batch plan) derived
 from the config; only rank 0 prints, logs and writes results. Where the run stands is `self.state`
 (train_state.TrainState: position = (task, epoch, optimizer step within the epoch) of the next step,
-global step, metrics, launch segments): that, with the model, the optimizer/engine, the RNG states
-and `extra_state()`, is what a checkpoint holds (resume.py writes and reads it), so a resumed run
-takes exactly the steps the uninterrupted one would have taken.
+global step, metrics, launch segments): that, with the model, the optimizer/engine, the RNG streams
+and the loop's other state, is registered once as the checkpoint's parts (_register_parts;
+checkpoint_parts.py saves and loads them, resume.py decides what a resume may change), so a resumed
+run takes exactly the steps the uninterrupted one would have taken.
 
 Around the loop: global rank 0 holds the run folder's lock (runlock.py) from before the checkpoint
 is chosen until the run ends; under a launcher every rank stops if the launcher dies (ParentWatch);
@@ -29,6 +30,8 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from .checkpoint import Checkpoints
+from .checkpoint_parts import FOLDER, JSON, PER_RANK, TORCH, AdapterState, CheckpointParts, EngineState, Record, \
+    RngStreams, Value
 from .cil import TaskSchedule
 from .config import RunConfig, config_to_dict
 from .data import ShardIndex, build_loader
@@ -38,13 +41,14 @@ from .distributed import (ParentWatch, PeerMonitor, configure_deepspeed_batch, g
                           lock_run_folder, make_accelerator, merged_eval, plain_construction, sum_across_ranks,
                           under_launcher, uses_deepspeed, zero_stage)
 from .errors import resume_hint
-from .export import FINAL_MODEL, save_final_model
+from .export import FINAL_MODEL, plain_model, save_final_model
 from .fileio import atomic_write_json
 from .kernels import selfcheck
 from .logger import MetricLogger, flatten
 from .model import build_model
 from .runlock import RunLock
 from . import resume as S
+from .run_record import RUN_CONFIG, backbone_fingerprint, backbone_record, config_record
 from .train_state import RunShape, TrainState
 
 
@@ -87,17 +91,19 @@ class Trainer:
         self.index.check_against(cfg.cil.num_classes, [cfg.data.train_split, cfg.data.test_split])
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg)  # cfg.method: 'sdlora' or a baseline
-        self.backbone = S.backbone_record(self.model, cfg)  # what was really loaded (results, config.json)
+        self.backbone = backbone_record(self.model, cfg)  # what was really loaded (results, config.json)
         # A resumed run must sit on the same backbone weights.
-        self.fingerprint = S.backbone_fingerprint(self.model)
+        self.fingerprint = backbone_fingerprint(self.model)
         self.lut = self.schedule.position_lookup(cfg.cil.num_classes)  # class id -> head row
         self.task_of_pos = self.schedule.task_of_position()
         self.state = TrainState()  # where the run stands: position, global step, metrics, launch segments
         self.engine = self.optimizer = None
-        self.pending_engine_state: Optional[str] = None  # mid-task resume: checkpoint to load after prepare
+        self.pending_optimizer = None  # mid-task resume: the checkpoint (Stored) to load the optimizer side from
         self.boundaries = BoundaryRecorder()  # task-boundary diagnostics (boundaries.py)
+        self.log_resume: Optional[dict] = None  # the logs' position in the checkpoint resumed from
         self._probe_images: Optional[torch.Tensor] = None
         self.ckpt = Checkpoints(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_checkpoints, self.acc)
+        self.parts = self._register_parts()
 
     def _take_lock(self) -> Optional[RunLock]:
         lock, notes = lock_run_folder(self.acc, self.run_dir)  # RunLockError on every rank if held
@@ -110,15 +116,16 @@ class Trainer:
         path, notes = self.ckpt.resolve(resume, fresh_if_damaged)
         for note in notes:
             self.print(note)
-        log_resume = self.load_checkpoint(path) if path else None
+        if path:
+            self.load_checkpoint(path)
         self.resumed_from = path
         if self.state.task < self.cfg.cil.num_tasks:  # a finished run re-run trains nothing: no new segment
             self.state.begin_segment(self.shape())
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            atomic_write_json(os.path.join(self.run_dir, S.RUN_CONFIG), S.config_record(self.cfg, self.backbone))
+            atomic_write_json(os.path.join(self.run_dir, RUN_CONFIG), config_record(self.cfg, self.backbone))
             self.ckpt.sweep()
-        self.log = MetricLogger(self.run_dir, enabled=self.is_main, resume=log_resume)
+        self.log = MetricLogger(self.run_dir, enabled=self.is_main, resume=self.log_resume)
         for note in self.log.notes:
             self.print(note)
         # names a dead peer when a collective fails; stops this rank if its ring successor is silent
@@ -147,40 +154,51 @@ class Trainer:
         """How this launch runs the loop (threads: the count in force now)."""
         return RunShape.of_launch(self.acc, self.micro, self.accum, self.deepspeed, self.stage)
 
-    def extra_state(self) -> dict:
-        """The loop's state beyond TrainState, for trainer.json (JSON-able)."""
-        return {"events": self.model.events, "class_order": self.schedule.order,
-                "global_batch": self.cfg.optim.global_batch, "log_position": self.log.position(),
-                "boundaries": self.boundaries.state_dict()}
-
-    def optimizer_state(self) -> S.OptimizerState:
-        """This task's optimizer side, as a mid-task checkpoint saves and loads it."""
-        return S.OptimizerState(self.optimizer, engine=self.engine if self.deepspeed else None,
-                                scaler=self.acc.scaler)
+    def _register_parts(self) -> CheckpointParts:
+        """Every stateful part of the run, once, under its name, and where a checkpoint keeps it
+        (the file names of every earlier checkpoint). Loaded in this order: the RNG streams last."""
+        parts, trainer_json = CheckpointParts(), "trainer.json"
+        parts.register("train_state", self.state, JSON, trainer_json, top_level=True)
+        parts.register("events", Value(lambda: self.model.events, lambda v: setattr(self.model, "events", v)),
+                       JSON, trainer_json)
+        parts.register("class_order", Record(lambda: self.schedule.order), JSON, trainer_json)
+        parts.register("global_batch", Record(lambda: self.cfg.optim.global_batch), JSON, trainer_json)
+        # checkpoints from before event counting hold the metrics.jsonl length only
+        parts.register("log_position", Value(lambda: self.log.position(), lambda v: setattr(self, "log_resume", v)),
+                       JSON, trainer_json,
+                       before=lambda doc: {"tb_events": None, "jsonl_bytes": doc.get("log_jsonl_bytes", 0)})
+        parts.register("boundaries", self.boundaries, JSON, trainer_json, before=lambda doc: {})
+        parts.register("config", Record(lambda: config_to_dict(self.cfg)), JSON, S.RESUME_CONFIG, top_level=True,
+                       old_files=(S.RESUME_CONFIG_BEFORE,))
+        parts.register("model", AdapterState(lambda: self.model, self.fingerprint), TORCH, "model.pt")
+        if self.deepspeed:  # the optimizer side, mid-task only: a fresh optimizer starts every task
+            parts.register("engine", EngineState(lambda: self.engine), FOLDER, "engine", mid_task="deepspeed")
+        else:
+            parts.register("optimizer", Value(lambda: self.optimizer.state_dict(),
+                                              lambda sd: self.optimizer.load_state_dict(sd)),
+                           TORCH, "optimizer.pt", mid_task="torch")
+            if self.acc.scaler is not None:  # fp16
+                parts.register("scaler", self.acc.scaler, TORCH, "scaler.pt", mid_task="torch")
+        parts.register("rng", RngStreams(), PER_RANK)
+        return parts
 
     def save_checkpoint(self, task_end: Optional[int] = None) -> str:
-        """Checkpoint where the run stands (every rank). task_end=t: after task t's evaluation, engine
-        dropped; None: mid-task, after an optimizer step, with the optimizer's state."""
-        payload = S.model_payload(self.model, self.fingerprint)  # collective under ZeRO-3
+        """Checkpoint where the run stands (every rank; collective under ZeRO-3). task_end=t: after
+        task t's evaluation, engine dropped; None: mid-task, after an optimizer step, with the
+        optimizer's state."""
         self.log.flush()  # TensorBoard events up to this step are on disk before the checkpoint exists
-        optimizer = self.optimizer_state() if task_end is None else None
-        path = S.save_checkpoint(self.ckpt, self.state, self.extra_state(), config_to_dict(self.cfg), payload,
-                                 optimizer, task_end)
+        path = self.parts.save(self.ckpt, self.state, task_end)
         self.print(f"checkpoint {path}")
         return path
 
-    def load_checkpoint(self, path: str) -> dict:
-        """Put the freshly built trainer back where checkpoint `path` was taken; returns the logs'
-        position there. A mid-task checkpoint's optimizer state waits for build_engine."""
-        r = S.load_checkpoint(path, self.ckpt, self.model, self.fingerprint, config_to_dict(self.cfg),
+    def load_checkpoint(self, path: str) -> None:
+        """Put the freshly built trainer back where checkpoint `path` was taken (the logs' position
+        into self.log_resume). A mid-task checkpoint's optimizer side waits for build_engine."""
+        r = S.load_checkpoint(path, self.parts, self.ckpt, self.fingerprint, self.model, config_to_dict(self.cfg),
                               self.schedule.order, self.shape(), self.rank)
-        self.state = r.state
-        self.model.events = r.extra["events"]
-        self.boundaries.load_state_dict(r.extra.get("boundaries", {}))
-        self.pending_engine_state = r.engine_state
+        self.pending_optimizer = r.pending
         for line in r.notes:
             self.print(line)
-        return r.log_position
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
@@ -260,9 +278,9 @@ class Trainer:
                                   ("optimizer", self.engine.zero_offload_optimizer())) if c and c.device != "none"]
             self.print(f"ZeRO-3: rank 0 stores {held:,} of {total:,} parameter elements ({parts} partitioned tensors)"
                        + (f"; offloaded to CPU: {', '.join(off)}" if off else ""))
-        if self.pending_engine_state is not None:
-            self.optimizer_state().load(self.pending_engine_state)
-            self.pending_engine_state = None
+        if self.pending_optimizer is not None:
+            self.parts.load(self.pending_optimizer, self.parts.names(mid_task=True))
+            self.pending_optimizer = None
 
     def train_epoch(self, t: int, epoch: int, first_step: int = 0, start: float = 0.0) -> None:
         # Resuming mid-epoch: the epoch's loader is rebuilt and its first steps skipped unread.
@@ -483,7 +501,7 @@ class Trainer:
     def finish(self) -> dict:
         st, shape = self.state, self.shape()
         summary = M.summarize(st.acc_matrix, st.acc_all)
-        config = S.config_record(self.cfg, self.backbone)
+        config = config_record(self.cfg, self.backbone)
         results = {"method": self.cfg.method, "setting": self.schedule.name(), "dataset": self.index.dataset,
                    "backbone_weights": self.cfg.backbone.weights_name or self.cfg.backbone.path,
                    "backbone": self.backbone, "class_order": self.schedule.order, **summary,
@@ -497,8 +515,8 @@ class Trainer:
         # remote reads retried in this launch, all ranks (sdlora_ds/data/remote.py; 0 with local shards)
         retried = torch.tensor([retry_count() - self.retries_before])
         results["data_read_retries"] = int(sum_across_ranks(self.acc, retried)[0])
-        final_model = S.plain_model(self.model, self.fingerprint, self.is_main,  # collective under ZeRO-3
-                                    self.plain_copy)  # None on ranks other than 0 there
+        final_model = plain_model(self.model, self.fingerprint, self.is_main,  # collective under ZeRO-3
+                                  self.plain_copy)  # None on ranks other than 0 there
         if self.is_main:
             path = os.path.join(self.run_dir, "results.json")
             atomic_write_json(path, results)

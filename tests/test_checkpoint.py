@@ -162,6 +162,28 @@ def test_resume_from_any_position_is_bitwise_exact(shards, full_run, tmp_path):
             assert comparable(json.load(f)) == comparable(ref)
 
 
+def test_checkpoints_keep_the_files_and_keys_earlier_versions_wrote(full_run):
+    """The files, trainer.json's keys (in order) and the torch files' keys of the checkpoints every
+    version since resume_config.json wrote (the parts registry changed none of them): a change here
+    must keep older checkpoints readable (checkpoint_parts.py: old_files, before)."""
+    out, _ = full_run
+    root = os.path.join(out, "run", "checkpoints")
+    shared = ["manifest.json", "model.pt", "rank00000.pt", "resume_config.json", "trainer.json"]
+    assert sorted(os.listdir(os.path.join(root, "step-00000010"))) == sorted(shared + ["optimizer.pt"])
+    end = os.path.join(root, "step-00000006-task0-end")
+    assert sorted(os.listdir(end)) == shared
+    with open(os.path.join(end, "trainer.json")) as f:
+        assert list(json.load(f)) == ["position", "global_step", "acc_matrix", "acc_all", "loss_log", "task_times",
+                                      "task_elapsed", "topologies", "magnitude_log", "events", "class_order",
+                                      "global_batch", "log_position", "boundaries"]
+    assert list(read_manifest(end)) == ["format", "name", "order", "global_step", "position", "task_end",
+                                        "world_size", "zero_stage", "optimizer_state", "threads", "created", "files"]
+    assert list(torch.load(os.path.join(end, "model.pt"), weights_only=True)) == ["structure", "state",
+                                                                                   "backbone_fingerprint"]
+    assert list(torch.load(os.path.join(end, "rank00000.pt"), weights_only=True)) == ["torch", "cuda", "numpy",
+                                                                                       "python"]
+
+
 def test_a_checkpoint_written_before_resume_config_json_still_resumes(shards, full_run, tmp_path):
     """Checkpoints once held the config as config.json (now resume_config.json, distinct from the run
     folder's config.json): such a checkpoint still resumes bitwise, and a config mismatch names it."""
@@ -485,39 +507,6 @@ def test_resume_continues_with_the_recorded_thread_count(shards, full_run, tmp_p
     assert [t["threads"] for t in got["topologies"]] == [recorded, other]
 
 
-def test_backbone_fingerprint_is_exact_and_independent_of_the_thread_count():
-    """A float-sum fingerprint changed in its last digit with the thread count (a 1-thread run was
-    refused at export with 2 threads); the byte hash must not, and must see a one-ulp change."""
-    from sdlora_ds.fileio import tensor_sha256
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(1536, 384, generator=g) * 0.02
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = tensor_sha256(w)
-        torch.set_num_threads(max(2, before))
-        two = tensor_sha256(w)
-    finally:
-        torch.set_num_threads(before)
-    assert one == two
-    bumped = w.clone()
-    bumped[7, 11] = torch.nextafter(bumped[7, 11], torch.tensor(1.0))
-    assert tensor_sha256(bumped) != one
-    assert tensor_sha256(w.to(torch.bfloat16)) != tensor_sha256(w.to(torch.float16))
-
-
-def test_fingerprints_written_before_sha256_still_match_their_backbone():
-    from sdlora_ds.resume import backbone_fingerprint, fingerprint_matches
-    model = torch.nn.Linear(384, 64)
-    model.pretrained_keys = {"weight", "bias"}
-    current = backbone_fingerprint(model)
-    legacy = [float(getattr(model, k).detach().double().sum()) for k in sorted(model.pretrained_keys)]
-    assert fingerprint_matches(current, current, model)
-    assert fingerprint_matches([v * (1 + 1e-15) for v in legacy], current, model)  # last-digit noise
-    assert not fingerprint_matches([legacy[0] + 1e-3, legacy[1]], current, model)  # another backbone
-    assert not fingerprint_matches(current[:1] + ["0" * 64], current, model)
-
-
 def test_activation_checkpointing_resumes_a_plain_run_to_the_same_numbers(shards, full_run, tmp_path):
     """Turned on when resuming a run that trained without it (what a run that ran out of memory
     does): the rest of the run is bitwise the uninterrupted plain run (same kernels, recomputed)."""
@@ -534,7 +523,7 @@ def test_task_ends_at_one_global_step_resume_from_the_last_task(tmp_path):
     """A method without optimizer steps (NCM) ends every task at global step 0: the newest checkpoint
     is the last task's end, and keep-last-K keeps the last ones (it once picked task 0's end, so a
     finished NCM run redid tasks 1-3 on `--resume auto`)."""
-    from sdlora_ds.resume import checkpoint_order
+    from sdlora_ds.checkpoint import checkpoint_order
     ck = Checkpoints(str(tmp_path / "ck"), keep=2, accelerator=OneProcess())
     for task in range(4):
         ck.save(f"step-00000000-task{task}-end", {"order": checkpoint_order(0, task), "task_end": task},

@@ -191,7 +191,7 @@ def test_one_process_zero2_zero3_agree(runs):
     assert_agree(one, z2, "ZeRO-2")
     assert_agree(one, z3, "ZeRO-3")
     # The final model files (what sdlora-export reads) agree too; under ZeRO-3 it was rebuilt from
-    # gathered adapters on rank 0 (resume.plain_model)
+    # gathered adapters on rank 0 (export.plain_model)
     from sdlora_ds.export import load_final_model
     models = {n: load_final_model(os.path.join(str(runs.root), n, "demo"))[0].state_dict() for n in ("one", "zero3")}
     assert max((models["one"][k] - models["zero3"][k]).abs().max().item() for k in models["one"]) < 1e-5

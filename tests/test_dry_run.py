@@ -20,7 +20,7 @@ import torch
 
 from conftest import ROOT
 from sdlora_ds.config import load_config
-from sdlora_ds.resume import config_record
+from sdlora_ds.run_record import config_record
 
 CONFIG = os.path.join(ROOT, "configs", "imagenetr_b40.json")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 7, 1  # 280 training images per 40-class task: 2 full global batches of 128
