@@ -11,7 +11,8 @@ import torch
 from conftest import tiny_config_dict
 from sdlora_ds.config import ConfigError, config_from_dict, config_to_dict, load_config
 from sdlora_ds.methods.inflora import A_SCALE, InfLoRAModel
-from test_olora import launch_all, resumed_runs_equal, shards  # noqa: F401 (shards: the fixture)
+from test_olora import (launch_all, resumed_after_kills_equal, resumed_runs_equal,  # noqa: F401 (shards: the fixture)
+                        shards)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,6 +223,16 @@ def test_trainer_designs_updates_memory_and_resumes_bitwise(shards, tmp_path):
     assert [e["task"] for e in mem] == [0, 1] and all(k > 0 for k in mem[0]["sizes"])
     for layer, k0 in zip(trainer.model.layers, mem[0]["sizes"]):  # task 1's A: outside task 0's stored subspace
         assert torch.linalg.norm(layer.lora_a.double() @ layer.memory[:, :k0].double()) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["two", "zero2", "zero3"])
+def test_killed_mid_task_and_at_a_task_end_resumes_bitwise(shards, tmp_path, topology):
+    """2 gloo processes, ZeRO-2, ZeRO-3: the designed A (a buffer, outside the optimizer) and the memory
+    come back from the mid-task and the task-end checkpoint; task 1's A is designed after the second
+    resume from the restored memory, and the memory update at its end is the uninterrupted run's."""
+    ref, _ = resumed_after_kills_equal(shards, tmp_path, "inflora", topology)
+    assert [e["task"] for e in ref["events"] if e["kind"] == "inflora_memory"] == [0, 1]
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ keeps its complement instead once that is smaller: the same projection, less mem
 from the eigenvectors of P^T C_t P in the complement's coordinates (the paper's Eq.; exactly
 orthogonal to M) rather than an SVD of (I - M M^T) C_t; the images go through the test transform,
 not the training augmentation. The adapted projections are the config's adapter.target_modules
-(query/value by default; the authors adapt key/value).
+(query/value by default; the authors adapt key/value). The paper's, LibContinual's and the authors'
+logged numbers, and how the protocols differ: docs/adding_a_method.md, section 8.
 """
 from __future__ import annotations
 
