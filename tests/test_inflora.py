@@ -99,10 +99,14 @@ def test_design_and_memory_against_a_hand_computation():
     assert model.events[-1]["kind"] == "inflora_memory" and model.events[-1]["sizes"] == model.memory_sizes()
 
 
-@pytest.mark.parametrize("targets,shared", [(["q_proj", "v_proj"], True), (["q_proj", "o_proj"], False)])
-def test_one_covariance_per_shared_input_and_the_same_design_and_memory(targets, shared):
+@pytest.mark.parametrize("targets,shared,detach", [(["q_proj", "v_proj"], True, False),
+                                                   (["q_proj", "v_proj"], True, True),
+                                                   (["q_proj", "o_proj"], False, False)])
+def test_one_covariance_per_shared_input_and_the_same_design_and_memory(targets, shared, detach):
     """q and v read the same tensor: one C per block, reduced once, and the designed A and the memory
-    bitwise what a C recorded by each projection on its own gives; o_proj reads another input: no sharing."""
+    bitwise what a C recorded by each projection on its own gives; also when each projection gets its
+    own detach() of the input, as ZeRO-3's forward pre-hook hands it; o_proj reads another input: no
+    sharing."""
     import copy
     torch.manual_seed(0)
     raw = tiny_config_dict(method="inflora", adapter={"rank": 3, "target_modules": targets})
@@ -120,6 +124,9 @@ def test_one_covariance_per_shared_input_and_the_same_design_and_memory(targets,
             own[i] += xs.t() @ xs
         hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: record(m, args, i))
                  for i, layer in enumerate(model.layers)]
+        if detach:  # what DeepSpeed ZeRO-3 does to every module's inputs: a new tensor object per module
+            hooks += [layer.register_forward_pre_hook(lambda m, args: (args[0].detach(),) + args[1:])
+                      for layer in model.layers]
         model.eval()
         with torch.no_grad():
             for i in range(0, 10, 4):

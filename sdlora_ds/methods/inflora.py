@@ -84,14 +84,24 @@ def top_in_complement(cov: torch.Tensor, memory: torch.Tensor) -> tuple:
     return vals.flip(0).clamp_min(0), p @ vecs.flip(1)
 
 
+def same_values(a: Optional[torch.Tensor], b: torch.Tensor) -> bool:
+    """b is a, or a view of a's memory with a's layout, not written since (the version counter is
+    shared by detach()); the caller holds a, so its memory cannot have been reused."""
+    return a is b or (a is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                      and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
+                      and a._version == b._version)
+
+
 class InfLoRALinear(TaskLoRALinear):
     """TaskLoRALinear + the stored subspace `memory` (d_in, k) of earlier tasks' inputs + a recorder of
     C = sum x x^T over the inputs of the forwards while `_keep` is set (the trainer's passes).
 
-    Projections that read the very same input tensor (query and value of one attention block) share
-    one C: the model hands every layer the same one-slot `_last` [input, index of the layer that
-    recorded it]; a layer whose input `is` that tensor records nothing and notes the recorder's index
-    in `_same_as` (the same ops on the same tensor: the shared C is bitwise the one it would compute)."""
+    Projections that read the very same input (query and value of one attention block) share one C:
+    the model hands every layer the same one-slot `_last` [input, index of the layer that recorded
+    it]; a layer whose input is that tensor records nothing and notes the recorder's index in
+    `_same_as` (the same ops on the same values: the shared C is bitwise the one it would compute).
+    "The same" is the same memory, layout and version, not the same Python object: ZeRO-3's
+    forward pre-hook hands every module its own `detach()` of the input (a new object, same storage)."""
 
     def __init__(self, base, scaling: float, impl: str = "auto", penalise: bool = False):
         super().__init__(base, scaling, impl=impl, penalise=penalise)
@@ -109,7 +119,7 @@ class InfLoRALinear(TaskLoRALinear):
 
     def _record(self, x: torch.Tensor) -> None:
         last = self._last
-        if last[0] is x:  # another projection of this block read x first: its C is ours
+        if same_values(last[0], x):  # another projection of this block read x first: its C is ours
             assert self._cov is None and self._same_as in (None, last[1]), "projections paired differently"
             self._same_as = last[1]
             return
