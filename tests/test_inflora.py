@@ -11,7 +11,8 @@ import torch
 from conftest import tiny_config_dict
 from sdlora_ds.config import ConfigError, config_from_dict, config_to_dict, load_config
 from sdlora_ds.methods.inflora import A_SCALE, InfLoRAModel
-from test_olora import launch_all, resumed_runs_equal, shards  # noqa: F401 (shards: the fixture)
+from test_olora import (launch_all, resumed_after_kills_equal, resumed_runs_equal,  # noqa: F401 (shards: the fixture)
+                        shards)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,6 +99,58 @@ def test_design_and_memory_against_a_hand_computation():
     assert model.events[-1]["kind"] == "inflora_memory" and model.events[-1]["sizes"] == model.memory_sizes()
 
 
+@pytest.mark.parametrize("targets,shared,detach", [(["q_proj", "v_proj"], True, False),
+                                                   (["q_proj", "v_proj"], True, True),
+                                                   (["q_proj", "o_proj"], False, False)])
+def test_one_covariance_per_shared_input_and_the_same_design_and_memory(targets, shared, detach):
+    """q and v read the same tensor: one C per block, reduced once, and the designed A and the memory
+    bitwise what a C recorded by each projection on its own gives; also when each projection gets its
+    own detach() of the input, as ZeRO-3's forward pre-hook hands it; o_proj reads another input: no
+    sharing."""
+    import copy
+    torch.manual_seed(0)
+    raw = tiny_config_dict(method="inflora", adapter={"rank": 3, "target_modules": targets})
+    model = InfLoRAModel(config_from_dict(raw))
+    images = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    keep = torch.tensor([True] * 9 + [False])
+    rows = torch.zeros(10, dtype=torch.long)
+    for t, phase in [(0, "task_start"), (0, "task_end")]:
+        if phase == "task_start":
+            model.start_task(0, 2)
+        own = {i: torch.zeros(32, 32, dtype=torch.float64) for i in range(len(model.layers))}
+
+        def record(m, args, i):  # the per-projection recording, as before the sharing
+            xs = args[0][m._keep].reshape(-1, 32).double()
+            own[i] += xs.t() @ xs
+        hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: record(m, args, i))
+                 for i, layer in enumerate(model.layers)]
+        if detach:  # what DeepSpeed ZeRO-3 does to every module's inputs: a new tensor object per module
+            hooks += [layer.register_forward_pre_hook(lambda m, args: (args[0].detach(),) + args[1:])
+                      for layer in model.layers]
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, 10, 4):
+                model.observe(phase, t, images[i:i + 4], rows[i:i + 4], keep[i:i + 4])
+        for h in hooks:
+            h.remove()
+        recorded = [layer._cov is not None for layer in model.layers]
+        assert recorded == ([True, False] * 2 if shared else [True] * 4)
+        twin = copy.deepcopy(model)  # each projection designed / updated from its own C
+        for i, layer in enumerate(twin.layers):
+            layer.design_a(own[i]) if phase == "task_start" else layer.update_memory(own[i], model.threshold(0))
+        sizes = []
+        note = model.observed(phase, t, lambda x: sizes.append(x.numel()) or x)
+        assert sizes == [(2 if shared else 4) * 32 * 32]  # one collective, one C per distinct input
+        assert f"{2 if shared else 4} input covariances for 4 projections" in note
+        for a, b in zip(model.layers, twin.layers):
+            assert torch.equal(a.lora_a, b.lora_a) and torch.equal(a.memory, b.memory), phase
+            assert a._same_as is None and a._cov is None and a._last is None  # nothing left over
+    assert all(layer.memory.shape[1] > 0 for layer in model.layers)
+    if shared:  # q and v of a block: the same C, so the same A and memory
+        for q, v in zip(model.layers[::2], model.layers[1::2]):
+            assert torch.equal(q.lora_a, v.lora_a) and torch.equal(q.memory, v.memory)
+
+
 def test_updates_stay_orthogonal_to_the_stored_subspace():
     torch.manual_seed(0)
     model = InfLoRAModel(inflora_cfg(method_options={"threshold_first": 0.8, "threshold_last": 0.9}))
@@ -177,6 +230,16 @@ def test_trainer_designs_updates_memory_and_resumes_bitwise(shards, tmp_path):
     assert [e["task"] for e in mem] == [0, 1] and all(k > 0 for k in mem[0]["sizes"])
     for layer, k0 in zip(trainer.model.layers, mem[0]["sizes"]):  # task 1's A: outside task 0's stored subspace
         assert torch.linalg.norm(layer.lora_a.double() @ layer.memory[:, :k0].double()) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["two", "zero2", "zero3"])
+def test_killed_mid_task_and_at_a_task_end_resumes_bitwise(shards, tmp_path, topology):
+    """2 gloo processes, ZeRO-2, ZeRO-3: the designed A (a buffer, outside the optimizer) and the memory
+    come back from the mid-task and the task-end checkpoint; task 1's A is designed after the second
+    resume from the restored memory, and the memory update at its end is the uninterrupted run's."""
+    ref, _ = resumed_after_kills_equal(shards, tmp_path, "inflora", topology)
+    assert [e["task"] for e in ref["events"] if e["kind"] == "inflora_memory"] == [0, 1]
 
 
 @pytest.mark.slow

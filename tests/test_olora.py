@@ -207,20 +207,83 @@ def resumed_runs_equal(shards, tmp_path, method, checkpoints) -> tuple:
 TOPOLOGIES = [("one", "cpu", 1), ("two", "cpu", 2), ("zero2", "cpu_zero2", 2), ("zero3", "cpu_zero3", 2)]
 
 
+def launch_config(shards, tmp_path, method, name, nproc, **over) -> str:
+    """The config file of the run `name` (global batch 16 on `nproc` processes, no accumulation
+    beyond 1 process's 2) in tmp_path/name."""
+    raw = trainer_raw(shards, tmp_path / name, method, optim={"micro_batch": 8 // nproc}, dist={"timeout_s": 120},
+                      **over)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
+def launched(run_dir) -> tuple:
+    """(results.json, final_model.pt state) of a finished launched run."""
+    with open(os.path.join(run_dir, "results.json")) as f:
+        return json.load(f), final_state(run_dir)
+
+
 def launch_all(shards, tmp_path, method) -> dict:
     """name -> (results.json, final_model.pt state) of the method's run under each of TOPOLOGIES
     (test_distributed's launcher and logs)."""
     from test_distributed import command, run, tail
     out = {}
     for name, topology, nproc in TOPOLOGIES:
-        raw = trainer_raw(shards, tmp_path / name, method, optim={"micro_batch": 8 // nproc},
-                          train={"checkpoint_every": 0}, dist={"timeout_s": 120})
-        cfg, log = tmp_path / f"{name}.json", str(tmp_path / f"{name}-log")
-        cfg.write_text(json.dumps(raw))
-        assert run(command(topology, nproc, str(cfg)), log, timeout=900) == 0, tail(log)
-        with open(tmp_path / name / "run" / "results.json") as f:
-            out[name] = (json.load(f), final_state(tmp_path / name / "run"))
+        cfg, log = launch_config(shards, tmp_path, method, name, nproc, train={"checkpoint_every": 0}), \
+            str(tmp_path / f"{name}-log")
+        assert run(command(topology, nproc, cfg), log, timeout=900) == 0, tail(log)
+        out[name] = launched(tmp_path / name / "run")
     return out
+
+
+def kill_after(cmd: list, log: str, run_dir, ckpt: str) -> None:
+    """Start `cmd`, SIGKILL the job once its checkpoint `ckpt` is complete, and remove any later
+    checkpoint: the run folder a kill landing right after `ckpt` leaves (on a loaded machine the run
+    may have gone on a step before the kill lands; the later checkpoints' logged steps stay, as they
+    do after any kill, and the resume drops them)."""
+    import shutil
+    import time
+    from sdlora_ds.checkpoint import Checkpoints
+    from test_distributed import kill_tree, start, tail
+
+    class Main:  # Checkpoints.scan reads the rank only
+        process_index, num_processes, is_main_process = 0, 1, True
+    root = os.path.join(str(run_dir), "checkpoints")
+    proc, end = start(cmd, log), time.time() + 900
+    try:
+        while ckpt not in [os.path.basename(p) for p, _ in Checkpoints(root, 100, Main()).scan()[0]]:
+            assert proc.poll() is None, f"the run ended before checkpoint {ckpt}\n{tail(log)}"
+            assert time.time() < end, f"no checkpoint {ckpt} within 900 s\n{tail(log)}"
+            time.sleep(0.05)
+    finally:
+        kill_tree(proc)
+    for name in os.listdir(root):
+        if not name.startswith(".") and name > ckpt:  # zero-padded steps: later checkpoints sort after
+            shutil.rmtree(os.path.join(root, name))
+
+
+def resumed_after_kills_equal(shards, tmp_path, method, topology_name) -> tuple:
+    """Under one of TOPOLOGIES: the uninterrupted run, and the same run SIGKILLed after its mid-task
+    checkpoint step-00000002 (task 0), resumed with --resume auto, SIGKILLed again after task 0's end
+    checkpoint, resumed again: results.json and final_model.pt bitwise the uninterrupted run's.
+    Returns (results.json, final state) of the uninterrupted run."""
+    from test_distributed import command, run, tail
+    _, topology, nproc = next(t for t in TOPOLOGIES if t[0] == topology_name)
+    ref_cfg, cfg = (launch_config(shards, tmp_path, method, name, nproc) for name in ("full", "killed"))
+    log = str(tmp_path / "log")
+    assert run(command(topology, nproc, ref_cfg), log + "-full", timeout=900) == 0, tail(log + "-full")
+    run_dir = tmp_path / "killed" / "run"
+    kill_after(command(topology, nproc, cfg), log + "-1", run_dir, "step-00000002")
+    kill_after(command(topology, nproc, cfg, "--resume", "auto"), log + "-2", run_dir, "step-00000003-task0-end")
+    assert run(command(topology, nproc, cfg, "--resume", "auto"), log + "-3", timeout=900) == 0, tail(log + "-3")
+    for segment, ckpt in (("-2", "step-00000002"), ("-3", "step-00000003-task0-end")):
+        assert f"{ckpt}: task" in open(log + segment + ".out").read(), tail(log + segment)  # resumed from it
+    (ref, state), (got, again) = launched(tmp_path / "full" / "run"), launched(run_dir)
+    assert [t["from_global_step"] for t in got["topologies"]] == [0, 2, 3]
+    assert got["world_size"] == nproc and comparable(got) == comparable(ref), topology_name
+    assert state.keys() == again.keys(), topology_name
+    assert [k for k in state if not torch.equal(state[k], again[k])] == [], topology_name
+    return ref, state
 
 
 def test_trainer_logs_the_penalty_and_resumes_bitwise(shards, tmp_path):
@@ -228,6 +291,17 @@ def test_trainer_logs_the_penalty_and_resumes_bitwise(shards, tmp_path):
     resumed_runs_equal(shards, tmp_path, "olora", ["step-00000004"])
     scalars = read_scalars(str(tmp_path / "full" / "run" / "tensorboard"))
     assert [s for s, _ in scalars["train/orthogonality"]] == [4, 5, 6] and scalars["train/orthogonality"][0][1] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["two", "zero2", "zero3"])
+def test_killed_mid_task_and_at_a_task_end_resumes_bitwise(shards, tmp_path, topology):
+    """2 gloo processes, ZeRO-2, ZeRO-3: a frozen LoRA stacked at the task end, the penalty on the
+    resumed steps, the optimizer state of the current LoRA all come back exactly."""
+    resumed_after_kills_equal(shards, tmp_path, "olora", topology)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "killed" / "run" / "metrics.jsonl")
+             if '"train/orthogonality"' in line]
+    assert steps == [4, 5, 6]  # task 1's penalty, logged once per step across the three segments
 
 
 @pytest.mark.slow

@@ -20,7 +20,8 @@ eps_t goes linearly from method_options.threshold_first (task 0) to threshold_la
 the shape of the authors' schedule (their code: lamb -> lame over the sessions). The 1/sqrt(3) scale
 of A's rows is the authors' code's. Both passes read the task's train images once with the test
 transform (the trainer's 'task_start'/'task_end' passes, model/base.py); C_t is summed in float64
-and over ranks, so 1 and N processes design the same A up to float summation order.
+and over ranks, so 1 and N processes design the same A up to float summation order. Projections
+that read the same input (query and value of a block) share one C_t: it is computed and reduced once.
 
 Where this differs from the authors' code, knowingly: energies are eigenvalues of C_t (the squared
 singular values of the representation matrix, as in the paper and GPM; the code squares C_t's
@@ -29,7 +30,8 @@ keeps its complement instead once that is smaller: the same projection, less mem
 from the eigenvectors of P^T C_t P in the complement's coordinates (the paper's Eq.; exactly
 orthogonal to M) rather than an SVD of (I - M M^T) C_t; the images go through the test transform,
 not the training augmentation. The adapted projections are the config's adapter.target_modules
-(query/value by default; the authors adapt key/value).
+(query/value by default; the authors adapt key/value). The paper's, LibContinual's and the authors'
+logged numbers, and how the protocols differ: docs/adding_a_method.md, section 8.
 """
 from __future__ import annotations
 
@@ -82,23 +84,51 @@ def top_in_complement(cov: torch.Tensor, memory: torch.Tensor) -> tuple:
     return vals.flip(0).clamp_min(0), p @ vecs.flip(1)
 
 
+def same_values(a: Optional[torch.Tensor], b: torch.Tensor) -> bool:
+    """b is a, or a view of a's memory with a's layout, not written since (the version counter is
+    shared by detach()); the caller holds a, so its memory cannot have been reused."""
+    return a is b or (a is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                      and a.stride() == b.stride() and a.dtype == b.dtype and a.device == b.device
+                      and a._version == b._version)
+
+
 class InfLoRALinear(TaskLoRALinear):
     """TaskLoRALinear + the stored subspace `memory` (d_in, k) of earlier tasks' inputs + a recorder of
-    C = sum x x^T over the inputs of the forwards while `_keep` is set (the trainer's passes)."""
+    C = sum x x^T over the inputs of the forwards while `_keep` is set (the trainer's passes).
+
+    Projections that read the very same input (query and value of one attention block) share one C:
+    the model hands every layer the same one-slot `_last` [input, index of the layer that recorded
+    it]; a layer whose input is that tensor records nothing and notes the recorder's index in
+    `_same_as` (the same ops on the same values: the shared C is bitwise the one it would compute).
+    "The same" is the same memory, layout and version, not the same Python object: ZeRO-3's
+    forward pre-hook hands every module its own `detach()` of the input (a new object, same storage)."""
 
     def __init__(self, base, scaling: float, impl: str = "auto", penalise: bool = False):
         super().__init__(base, scaling, impl=impl, penalise=penalise)
         self.register_buffer("memory", base.weight.new_zeros(self.in_features, 0))
         self._keep: Optional[torch.Tensor] = None
         self._cov: Optional[torch.Tensor] = None
+        self._last: Optional[list] = None  # set with _keep by InfLoRAModel.observe
+        self._index = -1  # this layer's position in model.layers (set by InfLoRAModel)
+        self._same_as: Optional[int] = None  # index of the layer whose C is this layer's, in this pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, d_in)
         if self._keep is not None:
-            xs = x[self._keep.to(x.device)].reshape(-1, x.shape[-1]).double()  # (tokens of kept samples, d_in)
-            if self._cov is None:
-                self._cov = xs.new_zeros(x.shape[-1], x.shape[-1])
-            self._cov += xs.t() @ xs
+            self._record(x)
         return super().forward(x)
+
+    def _record(self, x: torch.Tensor) -> None:
+        last = self._last
+        if same_values(last[0], x):  # another projection of this block read x first: its C is ours
+            assert self._cov is None and self._same_as in (None, last[1]), "projections paired differently"
+            self._same_as = last[1]
+            return
+        assert self._same_as is None, f"projection {self._index} shared its input in one forward, not in another"
+        xs = x[self._keep.to(x.device)].reshape(-1, x.shape[-1]).double()  # (tokens of kept samples, d_in)
+        if self._cov is None:
+            self._cov = xs.new_zeros(x.shape[-1], x.shape[-1])
+        self._cov += xs.t() @ xs
+        last[0], last[1] = x, self._index
 
     def take_cov(self) -> torch.Tensor:
         cov, self._cov = self._cov, None
@@ -155,27 +185,41 @@ class InfLoRAModel(TaskLoRAModel):
             layer.set_current(layer.weight.new_zeros(self.adapter_cfg.rank, layer.in_features), train_a=False)
 
     def observe(self, phase: str, t: int, pixel_values: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> None:
-        for layer in self.layers:
-            layer._keep = keep
+        last = [None, -1]  # one slot per forward: the input tensor last recorded and by which layer
+        for i, layer in enumerate(self.layers):
+            layer._keep, layer._last, layer._index = keep, last, i
         try:
             self.features(pixel_values)
         finally:
             for layer in self.layers:
-                layer._keep = None
+                layer._keep = layer._last = None  # no activation outlives the forward
+
+    def pass_covariances(self) -> tuple:
+        """(covariances, owner): the C recorded in this pass by each projection that read an input
+        first, and for every projection the position of its C in that list; the pass is cleared."""
+        owners = [i if layer._same_as is None else layer._same_as for i, layer in enumerate(self.layers)]
+        recorders = sorted(set(owners))
+        covs = [self.layers[i].take_cov() for i in recorders]
+        for layer in self.layers:
+            layer._same_as = None
+        return covs, [recorders.index(i) for i in owners]
 
     def observed(self, phase: str, t: int, reduce) -> str:
-        local = [layer.take_cov() for layer in self.layers]
+        local, owner = self.pass_covariances()
         flat = reduce(torch.cat([c.flatten().cpu() for c in local]))  # one collective for every projection
-        covs = [c.reshape(local[0].shape[0], -1) for c in flat.split([c.numel() for c in local])]
+        device = self.layers[0].weight.device
+        shared = [c.reshape(cl.shape).to(device) for c, cl in zip(flat.split([c.numel() for c in local]), local)]
+        covs = [shared[j] for j in owner]
+        inputs = f"{len(local)} input covariances for {len(self.layers)} projections"
         if phase == "task_start":
             for layer, cov in zip(self.layers, covs):
-                layer.design_a(cov.to(layer.weight.device))
-            return f"task {t}: InfLoRA designed A outside the stored subspaces (dims {self.memory_sizes()})"
+                layer.design_a(cov)
+            return f"task {t}: InfLoRA designed A outside the stored subspaces (dims {self.memory_sizes()}; {inputs})"
         eps = self.threshold(t)
-        added = [layer.update_memory(cov.to(layer.weight.device), eps) for layer, cov in zip(self.layers, covs)]
+        added = [layer.update_memory(cov, eps) for layer, cov in zip(self.layers, covs)]
         self.events.append({"kind": "inflora_memory", "task": t, "threshold": eps, "added": added,
                             "sizes": self.memory_sizes()})
-        return f"task {t}: InfLoRA memory at threshold {eps:.4f}: dims {self.memory_sizes()}"
+        return f"task {t}: InfLoRA memory at threshold {eps:.4f}: dims {self.memory_sizes()} ({inputs})"
 
     def memory_sizes(self) -> list:
         return [layer.memory.shape[1] for layer in self.layers]

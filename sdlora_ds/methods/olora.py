@@ -18,6 +18,8 @@ the adapted projections are the config's adapter.target_modules (query/value, as
 the LoRA scaling s is method_options.scaling (1.0: seq_lora's and SD-LoRA's initial magnitude), A is
 initialised as seq_lora's (kaiming-uniform, B = 0, the same generator), and the classifier is the
 harness's growing head trained with the masked cross-entropy like every other method here.
+The paper reports language-model benchmarks only: no published figure applies to these image
+settings (docs/adding_a_method.md, section 8).
 
 Frozen LoRAs live stacked in buffers (never in an optimizer: bitwise frozen), so the forward is the
 same stacked low-rank op SD-LoRA uses and the cost of a step does not grow with the number of tasks;
