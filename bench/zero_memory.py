@@ -73,7 +73,12 @@ def flat(x):
             yield from flat(v)
 
 
-def ds_config(stage: int, world: int) -> dict:
+def ds_config(stage: int, world: int, prefetch=None, reuse=None) -> dict:
+    """The launch file's settings for one image per rank in fp32. ZeRO-3, in elements, None for the
+    file's value (DeepSpeed's default where the file names none): prefetch, stage3_prefetch_bucket_size
+    (default 50M: gathered ahead of use from the second step on); reuse, stage3_max_reuse_distance
+    (default 1G: a gathered tensor used again within that many parameters of the trace stays gathered,
+    so the forward's last blocks stay whole until their backward)."""
     name = "ds_zero3.json" if stage == 3 else "ds_zero2.json"
     with open(os.path.join(ROOT, "launch", name)) as f:
         cfg = json.load(f)
@@ -81,6 +86,9 @@ def ds_config(stage: int, world: int) -> dict:
     cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world)
     cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}  # CPU: fp32
     cfg["steps_per_print"] = 1 << 30
+    for key, value in (("stage3_prefetch_bucket_size", prefetch), ("stage3_max_reuse_distance", reuse)):
+        if value is not None:
+            cfg["zero_optimization"][key] = value
     return cfg
 
 
@@ -131,7 +139,8 @@ def peak_of_step(model, step) -> dict:
             "gathered_at_peak": at_peak["gathered"]}
 
 
-def worker(rank: int, world: int, stage: int, port: int, out: str, bb: dict, zero_init: bool, tasks: int = 1) -> None:
+def worker(rank: int, world: int, stage: int, port: int, out: str, bb: dict, zero_init: bool, tasks: int = 1,
+           prefetch=None, reuse=None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     import torch
@@ -146,7 +155,7 @@ def worker(rank: int, world: int, stage: int, port: int, out: str, bb: dict, zer
                                                                               "test_resize": size}})
     torch.manual_seed(0)
     if zero_init:  # partitioned as each tensor is created: no rank holds the whole backbone at any time
-        with deepspeed.zero.Init(config_dict_or_path=ds_config(stage, world)):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config(stage, world, prefetch, reuse)):
             model = build_model(cfg)
     else:
         model = build_model(cfg)
@@ -157,7 +166,7 @@ def worker(rank: int, world: int, stage: int, port: int, out: str, bb: dict, zer
     model.set_trainable()
     trainable = model.trainable_parameters()
     opt = torch.optim.SGD(trainable, lr=0.01, momentum=0.9)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, world))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, world, prefetch, reuse))
     inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer; stage 0 does not
 
     def param_tensors():
@@ -221,6 +230,10 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--tasks", type=int, default=1,
                     help="start this many tasks of 40 classes and train the last (5: the plan's last task)")
+    ap.add_argument("--prefetch-bucket", type=int, default=None,
+                    help="ZeRO-3 stage3_prefetch_bucket_size in elements (default: launch/ds_zero3.json's)")
+    ap.add_argument("--reuse-distance", type=int, default=None,
+                    help="ZeRO-3 stage3_max_reuse_distance in elements (default: launch/ds_zero3.json's)")
     ap.add_argument("--zero-init", action="store_true", help="build under deepspeed.zero.Init (--stages 3 only)")
     args = ap.parse_args(argv)
     if args.zero_init and args.stages != "3":
@@ -231,7 +244,8 @@ def main(argv=None) -> int:
     figures = {}
     with tempfile.TemporaryDirectory() as out:
         for stage in stages:
-            mp.spawn(worker, args=(args.world, stage, free_port(), out, bb, args.zero_init, args.tasks), nprocs=args.world,
+            mp.spawn(worker, args=(args.world, stage, free_port(), out, bb, args.zero_init, args.tasks, args.prefetch_bucket,
+                                     args.reuse_distance), nprocs=args.world,
                      join=True)
             figures[stage] = [json.load(open(os.path.join(out, f"stage{stage}_rank{r}.json")))
                               for r in range(args.world)]
@@ -251,6 +265,7 @@ def main(argv=None) -> int:
         print(f"ZeRO-3 params / stage-0 params on rank 0: {figures[3][0]['params'] / figures[0][0]['params']:.3f}")
     print(json.dumps({"bench": "zero_memory", "world_size": args.world, "dtype": "fp32", "backbone": bb,
                       "zero_init": args.zero_init, "tasks": args.tasks, "image_size": args.image_size,
+                      "prefetch_bucket": args.prefetch_bucket, "reuse_distance": args.reuse_distance,
                       "model_params": first["model_params"], "trainable_params": first["trainable_params"],
                       "bytes_per_rank": {str(s): figures[s] for s in stages}}))
     return 0

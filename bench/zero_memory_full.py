@@ -59,7 +59,7 @@ def plan_of(backbone: str, stage: int, world: int, depth=None) -> dict:
     cfg = load_config(os.path.join(ROOT, "configs", CONFIGS[backbone]), sets)
     p = make_plan(cfg, Setting(num_processes=world, zero_stage=stage))
     assert p.micro == 1 and p.accum == 1, (p.micro, p.accum)
-    return {**p.rows, "total": p.total, "activations kept": p.activations["kept"]}
+    return {**p.rows, "total": p.total, "activations kept": p.activations["kept"], "backbone params": p.arch.params}
 
 
 def mem_available() -> int:
@@ -70,15 +70,25 @@ def mem_available() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def estimate(plan: dict, world: int) -> int:
-    """Bytes the cell needs on the machine, all processes together."""
-    return world * int(plan["total"] + RUNTIME_GIB * GiB)
+def estimate(plan: dict, world: int, stage: int, params: int, bounded: bool) -> int:
+    """Bytes the cell needs on the machine, all processes together: per process the plan's total and the
+    runtime, and under ZeRO-3 on several processes the gathered copies beyond the plan's working set:
+    with the launch file's prefetch and reuse distance up to the whole fp32 model (kept gathered between
+    forward and backward, measured 0.57x of ViT-B at its peak) twice (DeepSpeed copies each tensor out of
+    the flat buffer its all-gather fills, and both live until the bucket is done); with both bounded
+    (bounded=True), twice the plan's working set."""
+    gathered = 0
+    if stage == 3 and world > 1:
+        gathered = 2 * plan["gathered layers + prefetch"] if bounded else 2 * 4 * params
+    return world * int(plan["total"] + gathered + RUNTIME_GIB * GiB)
 
 
-def run_cell(backbone: str, stage: int, world: int, depth=None) -> dict:
+def run_cell(backbone: str, stage: int, world: int, depth=None, ds=None) -> dict:
     cmd = [sys.executable, os.path.join(ROOT, "bench", "zero_memory.py"), "--backbone", backbone, "--world",
            str(world), "--stages", str(stage), "--image-size", str(image_size(backbone)), "--tasks", str(TASKS)]
     cmd += (["--zero-init"] if stage == 3 else []) + (["--depth", str(depth)] if depth else [])
+    for key, value in (ds or {}).items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)] if value is not None else []
     t0 = time.time()
     done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if done.returncode:
@@ -96,24 +106,36 @@ def read(path: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def sweep(backbones, stages, worlds, out: str, margin_gib: float, depth=None) -> None:
-    done = {(r["backbone"], r["stage"], r["world"]) for r in read(out)}
+DS_KEYS = ("prefetch_bucket", "reuse_distance")  # zero_memory.py's --prefetch-bucket, --reuse-distance
+
+
+def ds_of(rec: dict) -> tuple:
+    return tuple(rec.get(k) for k in DS_KEYS)
+
+
+def sweep(backbones, stages, worlds, out: str, margin_gib: float, depth=None, ds=None) -> None:
+    """ds: {"prefetch_bucket": elements or None, "reuse_distance": ...} for the ZeRO-3 cells (None: the file's)."""
+    ds = {k: (ds or {}).get(k) for k in DS_KEYS}
+    done = {(r["backbone"], r["stage"], r["world"], ds_of(r)) for r in read(out)}
     for backbone in backbones:
         for stage in stages:
             for world in worlds:
-                if (backbone, stage, world) in done:
+                cell_ds = ds if stage == 3 else {k: None for k in DS_KEYS}
+                if (backbone, stage, world, ds_of(cell_ds)) in done:
                     continue
                 plan = plan_of(backbone, stage, world, depth)
-                need, avail = estimate(plan, world), mem_available()
+                bounded = all(v is not None for v in cell_ds.values())
+                need, avail = estimate(plan, world, stage, plan["backbone params"], bounded), mem_available()
                 rec = {"backbone": backbone, "stage": stage, "world": world, "depth": depth,
                        "image_size": image_size(backbone), "batch_per_rank": 1, "tasks": TASKS, "plan": plan,
-                       "estimate": need, "available": avail, "threads_per_process": 1}
+                       "estimate": need, "available": avail, "threads_per_process": 1,
+                       **cell_ds}
                 if need + margin_gib * GiB > avail:
                     rec["status"] = "not run"
                 else:
                     print(f"{backbone} ZeRO-{stage} x{world}: estimate {need / GiB:.1f} GiB of "
                           f"{avail / GiB:.1f} available", flush=True)
-                    rec.update(status="run", **run_cell(backbone, stage, world, depth))
+                    rec.update(status="run", **run_cell(backbone, stage, world, depth, cell_ds))
                 with open(out, "a") as f:
                     f.write(json.dumps(rec) + "\n")
 
@@ -126,19 +148,22 @@ def cell_figures(rec: dict) -> dict:
 
 
 def table(records: list) -> str:
-    one = {(r["backbone"], r["stage"]): cell_figures(r) for r in records if r["status"] == "run" and r["world"] == 1}
+    def key(r):
+        return r["backbone"], r["stage"], ds_of(r)
+    one = {key(r): cell_figures(r) for r in records if r["status"] == "run" and r["world"] == 1}
     head = (f"| backbone | ZeRO | procs | params MiB (x1) | adapter grads + optimizer MiB (x1) | peak MiB (x1) | "
             f"of peak: gathered / step's other | max RSS MiB | plan total MiB | peak / plan |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
-        name = f"| {r['backbone']} | {r['stage']} | {r['world']} |"
+        bounds = ", ".join(f"{k.split('_')[0]} {v:,}" for k, v in zip(DS_KEYS, ds_of(r)) if v is not None)
+        name = f"| {r['backbone']} | {r['stage']}{f' ({bounds})' if bounds else ''} | {r['world']} |"
         plan_total = r["plan"]["total"]
         if r["status"] != "run":
             lines.append(f"{name} not run: needs ~{r['estimate'] / GiB:.1f} GiB (estimate) + margin, "
                          f"{r['available'] / GiB:.1f} GiB available on this machine | | | | | "
                          f"{plan_total / MiB:,.0f} | |")
             continue
-        f, base = cell_figures(r), one.get((r["backbone"], r["stage"]))
+        f, base = cell_figures(r), one.get(key(r))
 
         f["adapter"] = f["grads"] + f["optimizer"]
         if base:
@@ -161,6 +186,10 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=None, help="keep the first N blocks (tests; the table is full depth)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "zero_memory_full.jsonl"))
     ap.add_argument("--margin-gib", type=float, default=3.0, help="memory left free besides the estimate")
+    ap.add_argument("--prefetch-bucket", type=int, default=None,
+                    help="ZeRO-3 stage3_prefetch_bucket_size for the ZeRO-3 cells (default: launch/ds_zero3.json's)")
+    ap.add_argument("--reuse-distance", type=int, default=None,
+                    help="ZeRO-3 stage3_max_reuse_distance for the ZeRO-3 cells (default: launch/ds_zero3.json's)")
     ap.add_argument("--table-only", action="store_true", help="print the table of --out, run nothing")
     args = ap.parse_args(argv)
     backbones = args.backbones.split(",")
@@ -170,7 +199,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if not args.table_only:
         sweep(backbones, [int(s) for s in args.stages.split(",")], [int(w) for w in args.worlds.split(",")],
-              args.out, args.margin_gib, args.depth)
+              args.out, args.margin_gib, args.depth,
+              {"prefetch_bucket": args.prefetch_bucket, "reuse_distance": args.reuse_distance})
     print(table(read(args.out)))
     return 0
 
