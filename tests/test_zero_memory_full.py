@@ -52,3 +52,13 @@ def test_table_gives_each_figure_and_its_ratio_to_one_process():
     assert "200.0 (0.500x)" in two and "300.0 (0.600x)" in two and "2.00 (1.000x)" in two
     assert "9.0 / 91.0" in two and two.endswith("| 0.50 |")
     json.dumps(zf.cell_figures(fake(4, 100, 150)))  # plain numbers: the records stay JSON
+
+
+def test_estimate_counts_zero3_gathering_whole_model_unless_bounded():
+    plan = zf.plan_of("vit_l16", 3, 4)
+    params = plan["backbone params"]
+    one = zf.estimate(zf.plan_of("vit_l16", 3, 1), 1, 3, params, bounded=False)
+    assert one == int(zf.plan_of("vit_l16", 3, 1)["total"] + zf.RUNTIME_GIB * zf.GiB)  # one rank gathers nothing
+    free = zf.estimate(plan, 4, 3, params, bounded=False)
+    bounded = zf.estimate(plan, 4, 3, params, bounded=True)
+    assert free - bounded == 4 * (2 * 4 * params - 2 * plan["gathered layers + prefetch"])
