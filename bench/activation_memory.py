@@ -32,11 +32,12 @@ MiB = 1 << 20
 
 
 class LivePeak(TorchDispatchMode):
-    """Peak bytes of the tensor storages created while it is active and alive at once."""
+    """Peak bytes of the tensor storages created while it is active and alive at once. on_peak: called
+    with no argument each time the peak rises (to see what the peak is made of at that moment)."""
 
-    def __init__(self, existing: set):
+    def __init__(self, existing: set, on_peak=None):
         super().__init__()
-        self.existing, self.live, self.now, self.peak = existing, {}, 0, 0
+        self.existing, self.live, self.now, self.peak, self.on_peak = existing, {}, 0, 0, on_peak
 
     def _free(self, key):
         self.now -= self.live.pop(key)
@@ -50,7 +51,10 @@ class LivePeak(TorchDispatchMode):
                 if key and key not in self.live and key not in self.existing:
                     self.live[key] = s.nbytes()
                     self.now += s.nbytes()
-                    self.peak = max(self.peak, self.now)
+                    if self.now > self.peak:
+                        self.peak = self.now
+                        if self.on_peak is not None:
+                            self.on_peak()
                     weakref.finalize(s, self._free, key)
         return out
 

@@ -44,6 +44,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # activation_memory (LivePeak), in spawned workers too
 MiB = 1 << 20
 
 
@@ -72,14 +73,22 @@ def flat(x):
             yield from flat(v)
 
 
-def ds_config(stage: int) -> dict:
+def ds_config(stage: int, world: int, prefetch=None, reuse=None) -> dict:
+    """The launch file's settings for one image per rank in fp32. ZeRO-3, in elements, None for the
+    file's value (DeepSpeed's default where the file names none): prefetch, stage3_prefetch_bucket_size
+    (default 50M: gathered ahead of use from the second step on); reuse, stage3_max_reuse_distance
+    (default 1G: a gathered tensor used again within that many parameters of the trace stays gathered,
+    so the forward's last blocks stay whole until their backward)."""
     name = "ds_zero3.json" if stage == 3 else "ds_zero2.json"
     with open(os.path.join(ROOT, "launch", name)) as f:
         cfg = json.load(f)
     cfg["zero_optimization"]["stage"] = stage
-    cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=2)
+    cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world)
     cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}  # CPU: fp32
     cfg["steps_per_print"] = 1 << 30
+    for key, value in (("stage3_prefetch_bucket_size", prefetch), ("stage3_max_reuse_distance", reuse)):
+        if value is not None:
+            cfg["zero_optimization"][key] = value
     return cfg
 
 
@@ -98,7 +107,40 @@ def backbone_fields(name: str, depth, image_size: int) -> dict:
     return fields
 
 
-def worker(rank: int, world: int, stage: int, port: int, out: str, bb: dict, zero_init: bool) -> None:
+def resident_bytes() -> tuple:
+    """(bytes, storage pointers) of every tensor Python can reach now: the model's parameters and
+    buffers, the optimizer's and DeepSpeed's own (flat buffers, partitions, gradient partitions)."""
+    import gc
+    import torch
+    gc.collect()
+    tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    return storages(tensors), {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+
+
+def peak_of_step(model, step) -> dict:
+    """Peak allocated bytes of one training step (step(): forward, backward, optimizer step): what was
+    resident before it plus the peak of what the step allocated and held at once (activation_memory's
+    LivePeak), and of that peak, the bytes of gathered ZeRO-3 parameters (full copies of partitioned
+    tensors) at the moment it was reached. CPU has no allocator statistics: tensors are counted, not
+    the allocator's caching; the Python runtime is not counted (max_rss in the record is)."""
+    from activation_memory import LivePeak
+    split = [p for p in model.parameters() if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False)]
+    # a gathered tensor that is the rank's own partition (one process: nothing to gather) adds nothing
+    own = {p.ds_tensor.untyped_storage().data_ptr() for p in split}
+    at_peak = {"gathered": 0}
+
+    def on_peak():
+        at_peak["gathered"] = storages(p.data for p in split
+                                       if p.data.numel() and p.data.untyped_storage().data_ptr() not in own)
+    resident, existing = resident_bytes()
+    with LivePeak(existing, on_peak) as live:
+        step()
+    return {"resident": resident, "step_peak": live.peak, "peak": resident + live.peak,
+            "gathered_at_peak": at_peak["gathered"]}
+
+
+def worker(rank: int, world: int, stage: int, port: int, out: str, bb: dict, zero_init: bool, tasks: int = 1,
+           prefetch=None, reuse=None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     import torch
@@ -113,17 +155,18 @@ def worker(rank: int, world: int, stage: int, port: int, out: str, bb: dict, zer
                                                                               "test_resize": size}})
     torch.manual_seed(0)
     if zero_init:  # partitioned as each tensor is created: no rank holds the whole backbone at any time
-        with deepspeed.zero.Init(config_dict_or_path=ds_config(stage)):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config(stage, world, prefetch, reuse)):
             model = build_model(cfg)
     else:
         model = build_model(cfg)
     # tensors already partitioned before the engine exists (zero.Init) vs all of them
     built_split = sum(1 for p in model.parameters() if hasattr(p, "ds_id") and not p.data.numel())
-    model.start_task(0, 40)
+    for t in range(tasks):  # the last task trains; earlier ones leave frozen directions (buffers)
+        model.start_task(t, 40)
     model.set_trainable()
     trainable = model.trainable_parameters()
     opt = torch.optim.SGD(trainable, lr=0.01, momentum=0.9)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage, world, prefetch, reuse))
     inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer; stage 0 does not
 
     def param_tensors():
@@ -135,7 +178,7 @@ def worker(rank: int, world: int, stage: int, port: int, out: str, bb: dict, zer
             else:
                 yield p.data
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(rank))
-    y = torch.tensor([rank % 40])
+    y = torch.tensor([rank % 40 + 40 * (tasks - 1)])
     engine.train()
     engine.set_gradient_accumulation_boundary(True)
     loss = F.cross_entropy(engine(x), y)
@@ -153,7 +196,17 @@ def worker(rank: int, world: int, stage: int, port: int, out: str, bb: dict, zer
     opt_bytes = storages(own + list(flat(list(inner.state.values()))))
     n_all = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
-    res = {"params": storages(param_tensors()), "grads": grad_bytes, "optimizer": opt_bytes,
+    # a second step, measured whole: ZeRO-3 prefetches from its second step on (the first records the
+    # order the modules run in), and the optimizer state exists from the first
+
+    def step():
+        engine.backward(F.cross_entropy(engine(x), y))
+        engine.step()
+    peak = peak_of_step(model, step)
+    import resource
+    res = {**peak, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "buffers": storages(model.buffers()),
+           "params": storages(param_tensors()), "grads": grad_bytes, "optimizer": opt_bytes,
            "model_params": n_all, "trainable_params": n_train,
            "partitioned_tensors": sum(1 for p in model.parameters() if hasattr(p, "ds_id") and not p.data.numel()),
            "partitioned_at_build": built_split}
@@ -175,6 +228,12 @@ def main(argv=None) -> int:
     ap.add_argument("--backbone", choices=sorted(BACKBONES), default="vit_b16")
     ap.add_argument("--depth", type=int, default=None, help="keep the first N blocks (full width)")
     ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--tasks", type=int, default=1,
+                    help="start this many tasks of 40 classes and train the last (5: the plan's last task)")
+    ap.add_argument("--prefetch-bucket", type=int, default=None,
+                    help="ZeRO-3 stage3_prefetch_bucket_size in elements (default: launch/ds_zero3.json's)")
+    ap.add_argument("--reuse-distance", type=int, default=None,
+                    help="ZeRO-3 stage3_max_reuse_distance in elements (default: launch/ds_zero3.json's)")
     ap.add_argument("--zero-init", action="store_true", help="build under deepspeed.zero.Init (--stages 3 only)")
     args = ap.parse_args(argv)
     if args.zero_init and args.stages != "3":
@@ -185,24 +244,28 @@ def main(argv=None) -> int:
     figures = {}
     with tempfile.TemporaryDirectory() as out:
         for stage in stages:
-            mp.spawn(worker, args=(args.world, stage, free_port(), out, bb, args.zero_init), nprocs=args.world,
+            mp.spawn(worker, args=(args.world, stage, free_port(), out, bb, args.zero_init, args.tasks, args.prefetch_bucket,
+                                     args.reuse_distance), nprocs=args.world,
                      join=True)
             figures[stage] = [json.load(open(os.path.join(out, f"stage{stage}_rank{r}.json")))
                               for r in range(args.world)]
     first = figures[stages[0]][0]
-    print(f"SD-LoRA on {args.backbone} ({bb.get('num_layers', 12)} blocks, {args.image_size} px; task 0, 40 classes, "
-          f"rank 10): {first['model_params']:,} parameters, {first['trainable_params']:,} trainable; {args.world} "
+    print(f"SD-LoRA on {args.backbone} ({bb.get('num_layers', 12)} blocks, {args.image_size} px; task {args.tasks - 1}, "
+          f"{40 * args.tasks} classes, rank 10): {first['model_params']:,} parameters, {first['trainable_params']:,} trainable; {args.world} "
           f"processes, fp32{', built under zero.Init' if args.zero_init else ''}, per-rank MiB")
-    print(f"{'stage':>5} {'rank':>4} {'params':>9} {'grads':>9} {'optimizer':>9} {'total':>9}  partitioned tensors")
+    print(f"{'stage':>5} {'rank':>4} {'params':>9} {'grads':>9} {'optimizer':>9} {'total':>9} {'step peak':>9} "
+          f"{'gathered':>9}  partitioned tensors")
     for stage in stages:
         for r, f in enumerate(figures[stage]):
             total = f["params"] + f["grads"] + f["optimizer"]
             print(f"{stage:>5} {r:>4} {f['params'] / MiB:>9.2f} {f['grads'] / MiB:>9.3f} {f['optimizer'] / MiB:>9.3f} "
-                  f"{total / MiB:>9.2f}  {f['partitioned_tensors']}")
+                  f"{total / MiB:>9.2f} {f['peak'] / MiB:>9.2f} {f['gathered_at_peak'] / MiB:>9.2f}  "
+                  f"{f['partitioned_tensors']}")
     if 0 in figures and 3 in figures:
         print(f"ZeRO-3 params / stage-0 params on rank 0: {figures[3][0]['params'] / figures[0][0]['params']:.3f}")
     print(json.dumps({"bench": "zero_memory", "world_size": args.world, "dtype": "fp32", "backbone": bb,
-                      "zero_init": args.zero_init,
+                      "zero_init": args.zero_init, "tasks": args.tasks, "image_size": args.image_size,
+                      "prefetch_bucket": args.prefetch_bucket, "reuse_distance": args.reuse_distance,
                       "model_params": first["model_params"], "trainable_params": first["trainable_params"],
                       "bytes_per_rank": {str(s): figures[s] for s in stages}}))
     return 0

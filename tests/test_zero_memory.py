@@ -22,3 +22,9 @@ def test_two_blocks_of_dinov2_g_width_split_in_half_under_zero_init(capsys):
         assert 0.48 * whole <= rank["params"] <= 0.52 * whole, (rank["params"], whole)
         # partitioned as it was built, before the engine: no rank held the whole model
         assert rank["partitioned_at_build"] >= rank["partitioned_tensors"] > 0
+        # the measured step's peak: what was resident (the partitions among it) + what the step held at once,
+        # of which the gathered copies of partitioned tensors; the process's resident set holds all of it
+        assert rank["peak"] == rank["resident"] + rank["step_peak"]
+        assert rank["resident"] >= rank["params"] + rank["optimizer"]
+        assert 0 < rank["gathered_at_peak"] <= rank["step_peak"]
+        assert rank["max_rss"] > rank["peak"]
