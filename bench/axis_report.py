@@ -69,23 +69,48 @@ def _jumps(run, proj: str) -> list:
     return [b["adapters"][proj]["jump"]["median"] for b in boundaries(run.path) if "adapters" in b]
 
 
-def method_stats(by_seed: dict) -> dict:
-    seeds = sorted(by_seed)
-    per = {s: {"avg_acc": r.scores["avg_acc"], "last_acc": r.scores["last_acc"], "forgetting": r.scores["forgetting"],
-               "just_trained": diag_mean(r.acc), "task0_at_end": r.acc[-1][0]} for s, r in by_seed.items()}
-    out = {"label": method_label(by_seed[seeds[0]].config), "seeds": seeds, "per_seed": per}
+def run_record(r) -> dict:
+    """The per-seed numbers the report uses, from one finished run."""
+    return {"avg_acc": r.scores["avg_acc"], "last_acc": r.scores["last_acc"], "forgetting": r.scores["forgetting"],
+            "just_trained": diag_mean(r.acc), "task0_at_end": r.acc[-1][0]}
+
+
+def method_stats(per: dict, label: str) -> dict:
+    """per: {seed: run_record}. Mean ± sample std of every field over the seeds."""
+    seeds = sorted(per)
+    out = {"label": label, "seeds": seeds, "per_seed": {s: per[s] for s in seeds}}
     for k in ("avg_acc", "last_acc", "forgetting", "just_trained", "task0_at_end"):
         out[k] = list(mean_std([per[s][k] for s in seeds]))
     return out
 
 
-def summarize(found: dict) -> dict:
+def summarize(found: dict, previous: dict | None = None) -> dict:
+    """Per step count: every method's stats, the paired tests, SD-LoRA's jumps. `previous` (an earlier
+    axis.json's "steps") fills in the (method, seed) records that have no run here; where both exist,
+    the run is used and its agreement with the earlier record is written under "reproduced"."""
+    previous = previous or {}
     ncm = found.get(None, {}).get("ncm", {})
     table = {}
-    for steps in sorted(k for k in found if k is not None):
-        runs = {**found[steps], **({"ncm": ncm} if ncm else {})}
+    for steps in sorted({k for k in found if k is not None} | {int(k) for k in previous}):
+        runs = {**found.get(steps, {}), **({"ncm": ncm} if ncm else {})}
+        prev = previous.get(str(steps), {})
+        per, labels, from_prev, reproduced = {}, {}, {}, []
+        for m, by_seed in runs.items():
+            per[m] = {s: run_record(r) for s, r in by_seed.items()}
+            labels[m] = method_label(next(iter(by_seed.values())).config)
+        for m, pm in prev.get("methods", {}).items():
+            labels.setdefault(m, pm["label"])
+            for s_txt, rec in pm["per_seed"].items():
+                s = int(s_txt)
+                if s in per.get(m, {}):
+                    diff = max(abs(per[m][s][k] - rec[k]) for k in ("avg_acc", "last_acc", "forgetting"))
+                    reproduced.append({"method": m, "seed": s, "max_abs_diff": diff, "equal": diff == 0.0})
+                else:
+                    per.setdefault(m, {})[s] = rec
+                    from_prev.setdefault(m, []).append(s)
         # SD-LoRA, sequential LoRA, NCM, then the plug-ins and switches by name
-        methods = {m: method_stats(runs[m]) for m in (["sdlora"] if "sdlora" in runs else []) + pair_order(runs)}
+        order = (["sdlora"] if "sdlora" in per else []) + pair_order(per)
+        methods = {m: method_stats(per[m], labels[m]) for m in order}
         paired = {}
         if "sdlora" in methods:
             for b in pair_order(methods):
@@ -95,11 +120,22 @@ def summarize(found: dict) -> dict:
         # the setting's seed count is SD-LoRA's (a switch run on one seed does not shrink it)
         n = len(methods["sdlora"]["seeds"]) if "sdlora" in methods else max(len(v["seeds"]) for v in methods.values())
         entry = {"n_seeds": n, "methods": methods, "paired": paired}
-        sd = found[steps].get("sdlora", {})
-        if sd:
+        sd = found.get(steps, {}).get("sdlora", {})
+        # jumps over SD-LoRA's runs here; the earlier report's value when its seeds are not all here
+        prev_sd = [int(s) for s in prev.get("methods", {}).get("sdlora", {}).get("per_seed", {})]
+        if "sdlora_jump_median" in prev and not set(prev_sd) <= set(sd):
+            entry["sdlora_jump_median"] = prev["sdlora_jump_median"]
+        elif sd:
             entry["sdlora_jump_median"] = {p: statistics.median(j for r in sd.values() for j in _jumps(r, p))
                                            for p in ("q", "v") if any(_jumps(r, p) for r in sd.values())}
-            entry["first_boundary"] = {s: _first_boundary(r) for s, r in sd.items()}
+        first = {int(s): v for s, v in prev.get("first_boundary", {}).items()}
+        first.update({s: _first_boundary(r) for s, r in sd.items()})
+        if first:
+            entry["first_boundary"] = dict(sorted(first.items()))
+        if from_prev:
+            entry["from_previous"] = from_prev
+        if reproduced:
+            entry["reproduced"] = reproduced
         table[str(steps)] = entry
     return table
 
@@ -115,7 +151,19 @@ def _pm(v) -> str:
 
 
 def markdown(summary: dict, unfinished: list) -> str:
-    lines = [f"# Steps axis: {summary['setting']}", "", f"Measured by {summary['measured_by']}.", "",
+    lines = [f"# Steps axis: {summary['setting']}", "", f"Measured by {summary['measured_by']}."]
+    if summary.get("previous"):
+        lines += ["", f"Records without a run here are from {summary['previous']['path']}, measured by "
+                  f"{summary['previous']['measured_by']}:"]
+        for steps, e in summary["steps"].items():
+            for m, seeds in e.get("from_previous", {}).items():
+                lines.append(f"- {steps} steps, {e['methods'][m]['label']}: seeds {', '.join(map(str, seeds))}")
+    for steps, e in summary["steps"].items():
+        for r in e.get("reproduced", []):
+            what = "are equal to" if r["equal"] else f"differ by up to {r['max_abs_diff']:.4f} points from"
+            lines.append(f"- reproduced: {steps} steps, {e['methods'][r['method']]['label']}, seed {r['seed']}: "
+                         f"Avg/Last Acc and forgetting {what} the earlier record")
+    lines += ["",
              "| steps/task | method | seeds | Avg Acc | Last Acc | forgetting | just-trained | task 0 at the end |",
              "|---|---|---|---|---|---|---|---|"]
     for steps, e in summary["steps"].items():
@@ -196,10 +244,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--previous", default=None, help="an earlier axis.json: its (method, seed) records fill in "
+                    "what has no run under --runs; where both exist the run is used and compared with it")
     ap.add_argument("--measured-by", default="bench/regime.py --stage axis (one thread per run)",
                     help="how and at which commit the runs were made (printed with the numbers)")
     a = ap.parse_args(argv)
     found, unfinished = collect(a.runs)
+    previous = None
+    if a.previous:
+        with open(a.previous) as f:
+            previous = json.load(f)
     if not any(k is not None for k in found):
         print(f"error: no finished axis<steps>_<method>__s<seed> run under {a.runs}", file=sys.stderr)
         return 2
@@ -207,7 +261,10 @@ def main(argv=None) -> int:
                    for by_seed in by_method.values() for r in by_seed.values())
     cfg = any_run.config
     setting = f"{any_run.dataset}, {cfg['cil']['num_tasks']} tasks of {cfg['cil']['increment'] or cfg['cil']['init_classes']} classes"
-    summary = {"setting": setting, "measured_by": a.measured_by, "steps": summarize(found), "unfinished": unfinished}
+    summary = {"setting": setting, "measured_by": a.measured_by, "steps": summarize(found, previous and previous["steps"]),
+               "unfinished": unfinished}
+    if previous:
+        summary["previous"] = {"path": a.previous, "measured_by": previous["measured_by"]}
     os.makedirs(a.out, exist_ok=True)
     atomic_write_json(os.path.join(a.out, "axis.json"), summary)
     with open(os.path.join(a.out, "axis.md"), "w") as f:

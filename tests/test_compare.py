@@ -87,3 +87,42 @@ def test_axis_report_and_the_demo_printout(runs, tmp_path, capsys):
     assert "SD-LoRA - seq. LoRA, Last Acc per seed: +6.00 ± 4.00 points, positive in 3/3 seeds, beyond 2 std: no" in printed
     assert compare_main([str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_axis_report_fills_in_from_an_earlier_report_and_checks_what_was_rerun(runs, tmp_path):
+    """--previous: an earlier axis.json (here the full 300-step report) supplies the (method, seed)
+    records with no run; a rerun seed is compared with its earlier record (equal, or the difference)."""
+    def report(runs_dir, out, *extra):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "axis_report.py"), "--runs", runs_dir,
+                            "--out", out, "--measured-by", "fresh runs", *extra],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        return json.load(open(os.path.join(out, "axis.json")))
+    earlier = str(tmp_path / "earlier")
+    before = report(runs, earlier)
+    new = tmp_path / "new"  # a 150-step axis, and seed 1993 of the 300 steps rerun: SD-LoRA equal, seq. LoRA not
+    for (name, method), seeds in RUNS.items():
+        for seed, (acc, acc_all) in seeds.items():
+            write_results(new, f"axis150_{method}", method, seed, acc, acc_all)
+    acc, acc_all = RUNS[("sdl", "sdlora")][1993]
+    write_results(new, "axis300_sdlora", "sdlora", 1993, acc, acc_all)
+    acc, acc_all = RUNS[("seq", "seq_lora")][1993]
+    write_results(new, "axis300_seq_lora", "seq_lora", 1993, acc[:2] + [[30, 40, 51]], acc_all[:2] + [40 + 1 / 3])
+    for seed, (acc, acc_all) in NCM.items():
+        write_results(new, "axis_ncm", "ncm", seed, acc, acc_all)
+    merged = report(str(new), str(tmp_path / "merged"), "--previous", os.path.join(earlier, "axis.json"))
+    assert list(merged["steps"]) == ["150", "300"] and merged["previous"]["measured_by"] == before["measured_by"]
+    s = merged["steps"]["300"]
+    assert s["from_previous"] == {"sdlora": [1994, 1995], "seq_lora": [1994, 1995], "olora": [1993, 1994]}
+    rep = {r["method"]: r for r in s["reproduced"]}
+    assert rep["sdlora"]["equal"] is True and rep["ncm"]["equal"] is True
+    assert rep["seq_lora"]["equal"] is False and rep["seq_lora"]["max_abs_diff"] == pytest.approx(1 / 3)
+    b = before["steps"]["300"]  # the rerun's numbers are used, the rest are the earlier ones
+    assert s["methods"]["sdlora"]["last_acc"] == pytest.approx(b["methods"]["sdlora"]["last_acc"])
+    assert s["methods"]["seq_lora"]["per_seed"]["1993"]["last_acc"] == pytest.approx(40 + 1 / 3)
+    assert s["paired"]["SD-LoRA - O-LoRA"]["seeds"] == [1993, 1994]
+    assert "from_previous" not in merged["steps"]["150"] and merged["steps"]["150"]["n_seeds"] == 3
+    md = open(os.path.join(tmp_path, "merged", "axis.md")).read()
+    assert "- 300 steps, seq. LoRA: seeds 1994, 1995" in md
+    assert "- reproduced: 300 steps, SD-LoRA, seed 1993: Avg/Last Acc and forgetting are equal to the earlier record" in md
+    assert "seq. LoRA, seed 1993: Avg/Last Acc and forgetting differ by up to 0.3333 points from" in md
