@@ -157,6 +157,12 @@ def cell_figures(rec: dict) -> dict:
     return {k: max(r[k] for r in ranks) for k in keys}
 
 
+def rss_mark(rec: dict) -> str:
+    """Beside max RSS: the cell ran with MALLOC_MMAP_THRESHOLD_ set (malloc_env), in bytes."""
+    value = rec.get("malloc_mmap_threshold")
+    return f" (mmap {value:,})" if value else ""
+
+
 def table(records: list) -> str:
     def key(r):
         return r["backbone"], r["stage"], ds_of(r)
@@ -183,7 +189,8 @@ def table(records: list) -> str:
             return f" ({f[k] / base[k]:.3f}x)" if base and base[k] else ""
         lines.append(f"{name} {f['params'] / MiB:,.1f}{ratio('params')} | {f['adapter'] / MiB:.2f}{ratio('adapter')}"
                      f" | {f['peak'] / MiB:,.1f}{ratio('peak')} | {f['gathered_at_peak'] / MiB:,.1f} / "
-                     f"{(f['step_peak'] - f['gathered_at_peak']) / MiB:,.1f} | {f['max_rss'] / MiB:,.0f} | "
+                     f"{(f['step_peak'] - f['gathered_at_peak']) / MiB:,.1f} | "
+                     f"{f['max_rss'] / MiB:,.0f}{rss_mark(r)} | "
                      f"{plan_total / MiB:,.0f} | {f['peak'] / plan_total:.2f} |")
     return "\n".join(lines)
 

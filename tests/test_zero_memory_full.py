@@ -62,3 +62,44 @@ def test_estimate_counts_zero3_gathering_whole_model_unless_bounded():
     free = zf.estimate(plan, 4, 3, params, bounded=False)
     bounded = zf.estimate(plan, 4, 3, params, bounded=True)
     assert free - bounded == 4 * (2 * 4 * params - 2 * plan["gathered layers + prefetch"])
+
+
+def test_table_marks_max_rss_of_cells_run_with_a_fixed_mmap_threshold(monkeypatch):
+    rec = {**fake(1, 400, 500), "malloc_mmap_threshold": 1048576}
+    assert "900 (mmap 1,048,576) |" in zf.table([rec]) and "(mmap" not in zf.table([fake(1, 400, 500)])
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert zf.malloc_env() == {"malloc_mmap_threshold": 1048576}
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert zf.malloc_env() == {}
+
+
+RESULTS = os.path.join(ROOT, "bench", "results", "zero_memory_full.jsonl")
+
+
+def plan_models_gathering(rec: dict) -> bool:
+    """The plan counts ZeRO-3's gathered copies as 4 B x the largest layer + the launch file's prefetch
+    bucket: nothing is gathered under ZeRO-2 or on one process, and with prefetch bucket and reuse
+    distance 0 one module is gathered at a time. With the launch file's (DeepSpeed's) reuse distance of
+    1G elements, the forward's gathered tensors stay gathered until their backward: not modelled."""
+    bounded = rec.get("prefetch_bucket") == 0 and rec.get("reuse_distance") == 0
+    return rec["stage"] != 3 or rec["world"] == 1 or bounded
+
+
+def test_plan_total_against_the_measured_peak_of_each_committed_cell():
+    """The issue asks the plan to agree with the measured peak within 20 %. From the committed cells
+    (nothing is run here): where the plan models the gathering it never falls short by more than 20 %;
+    the one cell it over-estimates by more is named (ViT-B ZeRO-3 on 4 processes with bucket 0: the plan
+    counts the file's 50M-element prefetch bucket, 95 MiB, which that cell does not gather); under the
+    launch file's gathering on several processes the peak is above twice the plan, the gathered copies
+    at the peak alone exceeding the plan's gathered term."""
+    cells = [r for r in zf.read(RESULTS) if r["status"] == "run"]
+    assert len(cells) >= 17
+    modelled = {(r["backbone"], r["stage"], r["world"], zf.ds_of(r)): zf.cell_figures(r)["peak"] / r["plan"]["total"]
+                for r in cells if plan_models_gathering(r)}
+    assert modelled and max(modelled.values()) <= 1.2, modelled
+    assert {k for k, v in modelled.items() if v < 0.8} == {("vit_b16", 3, 4, (0, 0))}, modelled
+    for r in cells:
+        if not plan_models_gathering(r):
+            f = zf.cell_figures(r)
+            assert f["peak"] > 2 * r["plan"]["total"]
+            assert f["gathered_at_peak"] > r["plan"]["gathered layers + prefetch"]
