@@ -151,10 +151,13 @@ def sweep(backbones, stages, worlds, out: str, margin_gib: float, depth=None, ds
 
 
 def cell_figures(rec: dict) -> dict:
-    """The largest value over ranks of each figure (the rank that decides what fits)."""
+    """The largest value over ranks of each figure (the rank that decides what fits); the peak and its
+    parts (step_peak, gathered_at_peak) of one rank, the one with the largest peak."""
     ranks = rec["ranks"]
-    keys = ("params", "grads", "optimizer", "peak", "resident", "step_peak", "gathered_at_peak", "buffers", "max_rss")
-    return {k: max(r[k] for r in ranks) for k in keys}
+    keys = ("params", "grads", "optimizer", "resident", "buffers", "max_rss")
+    top = max(ranks, key=lambda r: r["peak"])
+    return {**{k: max(r[k] for r in ranks) for k in keys},
+            **{k: top[k] for k in ("peak", "step_peak", "gathered_at_peak")}}
 
 
 def rss_mark(rec: dict) -> str:

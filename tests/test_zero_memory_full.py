@@ -52,6 +52,10 @@ def test_table_gives_each_figure_and_its_ratio_to_one_process():
     assert "200.0 (0.500x)" in two and "300.0 (0.600x)" in two and "2.00 (1.000x)" in two
     assert "9.0 / 91.0" in two and two.endswith("| 0.50 |")
     json.dumps(zf.cell_figures(fake(4, 100, 150)))  # plain numbers: the records stay JSON
+    mixed = fake(2, 200, 300, gathered=9)
+    mixed["ranks"] = [mixed["ranks"][0], {**mixed["ranks"][0], "peak": 301 * MiB, "step_peak": 101 * MiB,
+                                          "gathered_at_peak": 0}]
+    assert "0.0 / 101.0" in zf.table([mixed])  # the peak's parts are those of the rank with the largest peak
 
 
 def test_estimate_counts_zero3_gathering_whole_model_unless_bounded():
