@@ -117,6 +117,16 @@ def malloc_env() -> dict:
 
 
 DS_KEYS = ("prefetch_bucket", "reuse_distance")  # zero_memory.py's --prefetch-bucket, --reuse-distance
+DS_DEFAULTS = {"prefetch_bucket": ("stage3_prefetch_bucket_size", 50_000_000),  # DeepSpeed's defaults
+               "reuse_distance": ("stage3_max_reuse_distance", 1_000_000_000)}
+
+
+def file_ds() -> dict:
+    """The ZeRO-3 gathering settings launch/ds_zero3.json gives (DeepSpeed's default where it names none):
+    what a cell without --prefetch-bucket / --reuse-distance runs with, recorded explicitly."""
+    with open(os.path.join(ROOT, "launch", "ds_zero3.json")) as f:
+        zero = json.load(f)["zero_optimization"]
+    return {k: int(zero.get(name, default)) for k, (name, default) in DS_DEFAULTS.items()}
 
 
 def ds_of(rec: dict) -> tuple:
@@ -124,8 +134,10 @@ def ds_of(rec: dict) -> tuple:
 
 
 def sweep(backbones, stages, worlds, out: str, margin_gib: float, depth=None, ds=None) -> None:
-    """ds: {"prefetch_bucket": elements or None, "reuse_distance": ...} for the ZeRO-3 cells (None: the file's)."""
-    ds = {k: (ds or {}).get(k) for k in DS_KEYS}
+    """ds: {"prefetch_bucket": elements or None, "reuse_distance": ...} for the ZeRO-3 cells (None: the file's,
+    recorded as its value)."""
+    given, from_file = ds or {}, file_ds()
+    ds = {k: given[k] if given.get(k) is not None else from_file[k] for k in DS_KEYS}
     done = {(r["backbone"], r["stage"], r["world"], ds_of(r)) for r in read(out)}
     for backbone in backbones:
         for stage in stages:
@@ -134,7 +146,7 @@ def sweep(backbones, stages, worlds, out: str, margin_gib: float, depth=None, ds
                 if (backbone, stage, world, ds_of(cell_ds)) in done:
                     continue
                 plan = plan_of(backbone, stage, world, depth)
-                bounded = all(v is not None for v in cell_ds.values())
+                bounded = cell_ds["reuse_distance"] == 0  # else the forward's gathered layers wait for backward
                 need, avail = estimate(plan, world, stage, plan["backbone params"], bounded), mem_available()
                 rec = {"backbone": backbone, "stage": stage, "world": world, "depth": depth,
                        "image_size": image_size(backbone), "batch_per_rank": 1, "tasks": TASKS, "plan": plan,

@@ -82,10 +82,11 @@ RESULTS = os.path.join(ROOT, "bench", "results", "zero_memory_full.jsonl")
 
 def plan_models_gathering(rec: dict) -> bool:
     """The plan counts ZeRO-3's gathered copies as 4 B x the largest layer + the launch file's prefetch
-    bucket: nothing is gathered under ZeRO-2 or on one process, and with prefetch bucket and reuse
-    distance 0 one module is gathered at a time. With the launch file's (DeepSpeed's) reuse distance of
-    1G elements, the forward's gathered tensors stay gathered until their backward: not modelled."""
-    bounded = rec.get("prefetch_bucket") == 0 and rec.get("reuse_distance") == 0
+    bucket: nothing is gathered under ZeRO-2 or on one process, and with reuse distance 0 (the launch
+    file's since it names one) a module's gathered tensors go after its use. With DeepSpeed's default reuse
+    distance of 1G elements (the cells measured before), the forward's gathered tensors stay gathered
+    until their backward: not modelled."""
+    bounded = rec.get("reuse_distance") == 0
     return rec["stage"] != 3 or rec["world"] == 1 or bounded
 
 
@@ -94,7 +95,7 @@ def test_plan_total_against_the_measured_peak_of_each_committed_cell():
     (nothing is run here): where the plan models the gathering it never falls short by more than 20 %;
     the one cell it over-estimates by more is named (ViT-B ZeRO-3 on 4 processes with bucket 0: the plan
     counts the file's 50M-element prefetch bucket, 95 MiB, which that cell does not gather); under the
-    launch file's gathering on several processes the peak is above twice the plan, the gathered copies
+    default reuse distance on several processes the peak is above twice the plan, the gathered copies
     at the peak alone exceeding the plan's gathered term."""
     cells = [r for r in zf.read(RESULTS) if r["status"] == "run"]
     assert len(cells) >= 17
