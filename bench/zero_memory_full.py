@@ -50,14 +50,15 @@ def plan_overrides(size: int, world: int) -> list:
             f"backbone.image_size={size}", f"optim.global_batch={world}"]
 
 
-def plan_of(backbone: str, stage: int, world: int, depth=None) -> dict:
+def plan_of(backbone: str, stage: int, world: int, depth=None, prefetch_bucket=None) -> dict:
     """The plan's per-GPU rows (bytes) for the cell: `launch/train.py --config configs/<C> --plan
-    --num_processes <world> --zero-stage <stage>` with plan_overrides."""
+    --num_processes <world> --zero-stage <stage>` with plan_overrides (and the cell's prefetch bucket,
+    None: the launch file's)."""
     from sdlora_ds.config import load_config
     from sdlora_ds.plan import Setting, make_plan
     sets = plan_overrides(image_size(backbone), world) + ([f"backbone.num_layers={depth}"] if depth else [])
     cfg = load_config(os.path.join(ROOT, "configs", CONFIGS[backbone]), sets)
-    p = make_plan(cfg, Setting(num_processes=world, zero_stage=stage))
+    p = make_plan(cfg, Setting(num_processes=world, zero_stage=stage, prefetch_bucket=prefetch_bucket))
     assert p.micro == 1 and p.accum == 1, (p.micro, p.accum)
     return {**p.rows, "total": p.total, "activations kept": p.activations["kept"], "backbone params": p.arch.params}
 
@@ -145,7 +146,7 @@ def sweep(backbones, stages, worlds, out: str, margin_gib: float, depth=None, ds
                 cell_ds = ds if stage == 3 else {k: None for k in DS_KEYS}
                 if (backbone, stage, world, ds_of(cell_ds)) in done:
                     continue
-                plan = plan_of(backbone, stage, world, depth)
+                plan = plan_of(backbone, stage, world, depth, cell_ds["prefetch_bucket"] if stage == 3 else None)
                 bounded = cell_ds["reuse_distance"] == 0  # else the forward's gathered layers wait for backward
                 need, avail = estimate(plan, world, stage, plan["backbone params"], bounded), mem_available()
                 rec = {"backbone": backbone, "stage": stage, "world": world, "depth": depth,
@@ -188,7 +189,9 @@ def table(records: list) -> str:
     for r in records:
         bounds = ", ".join(f"{k.split('_')[0]} {v:,}" for k, v in zip(DS_KEYS, ds_of(r)) if v is not None)
         name = f"| {r['backbone']} | {r['stage']}{f' ({bounds})' if bounds else ''} | {r['world']} |"
-        plan_total = r["plan"]["total"]
+        # today's plan for the cell's setting and prefetch bucket (the record keeps the one made at run time)
+        plan_total = plan_of(r["backbone"], r["stage"], r["world"], r.get("depth"),
+                             r.get("prefetch_bucket") if r["stage"] == 3 else None)["total"]
         if r["status"] != "run":
             lines.append(f"{name} not run: needs ~{r['estimate'] / GiB:.1f} GiB (estimate) + margin, "
                          f"{r['available'] / GiB:.1f} GiB available on this machine | | | | | "
