@@ -50,14 +50,15 @@ def plan_overrides(size: int, world: int) -> list:
             f"backbone.image_size={size}", f"optim.global_batch={world}"]
 
 
-def plan_of(backbone: str, stage: int, world: int, depth=None) -> dict:
+def plan_of(backbone: str, stage: int, world: int, depth=None, prefetch_bucket=None) -> dict:
     """The plan's per-GPU rows (bytes) for the cell: `launch/train.py --config configs/<C> --plan
-    --num_processes <world> --zero-stage <stage>` with plan_overrides."""
+    --num_processes <world> --zero-stage <stage>` with plan_overrides (and the cell's prefetch bucket,
+    None: the launch file's)."""
     from sdlora_ds.config import load_config
     from sdlora_ds.plan import Setting, make_plan
     sets = plan_overrides(image_size(backbone), world) + ([f"backbone.num_layers={depth}"] if depth else [])
     cfg = load_config(os.path.join(ROOT, "configs", CONFIGS[backbone]), sets)
-    p = make_plan(cfg, Setting(num_processes=world, zero_stage=stage))
+    p = make_plan(cfg, Setting(num_processes=world, zero_stage=stage, prefetch_bucket=prefetch_bucket))
     assert p.micro == 1 and p.accum == 1, (p.micro, p.accum)
     return {**p.rows, "total": p.total, "activations kept": p.activations["kept"], "backbone params": p.arch.params}
 
@@ -106,7 +107,27 @@ def read(path: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def malloc_env() -> dict:
+    """glibc's MALLOC_MMAP_THRESHOLD_ when set (the cells inherit it). Without it glibc raises its mmap
+    threshold as large blocks are freed, and later freed tensors stay in the heap: max RSS of a ZeRO-3
+    rank on 2 processes was ~2.6x the whole fp32 model above the runtime (ViT-B, ViT-L). With 1048576,
+    4 blocks of DINOv2-g width on 2 processes: 2.2 -> 1.2 GiB per rank, ~the runtime + the counted peak.
+    The counted bytes (params, peak) do not depend on it; max_rss does."""
+    value = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    return {"malloc_mmap_threshold": int(value)} if value else {}
+
+
 DS_KEYS = ("prefetch_bucket", "reuse_distance")  # zero_memory.py's --prefetch-bucket, --reuse-distance
+DS_DEFAULTS = {"prefetch_bucket": ("stage3_prefetch_bucket_size", 50_000_000),  # DeepSpeed's defaults
+               "reuse_distance": ("stage3_max_reuse_distance", 1_000_000_000)}
+
+
+def file_ds() -> dict:
+    """The ZeRO-3 gathering settings launch/ds_zero3.json gives (DeepSpeed's default where it names none):
+    what a cell without --prefetch-bucket / --reuse-distance runs with, recorded explicitly."""
+    with open(os.path.join(ROOT, "launch", "ds_zero3.json")) as f:
+        zero = json.load(f)["zero_optimization"]
+    return {k: int(zero.get(name, default)) for k, (name, default) in DS_DEFAULTS.items()}
 
 
 def ds_of(rec: dict) -> tuple:
@@ -114,8 +135,10 @@ def ds_of(rec: dict) -> tuple:
 
 
 def sweep(backbones, stages, worlds, out: str, margin_gib: float, depth=None, ds=None) -> None:
-    """ds: {"prefetch_bucket": elements or None, "reuse_distance": ...} for the ZeRO-3 cells (None: the file's)."""
-    ds = {k: (ds or {}).get(k) for k in DS_KEYS}
+    """ds: {"prefetch_bucket": elements or None, "reuse_distance": ...} for the ZeRO-3 cells (None: the file's,
+    recorded as its value)."""
+    given, from_file = ds or {}, file_ds()
+    ds = {k: given[k] if given.get(k) is not None else from_file[k] for k in DS_KEYS}
     done = {(r["backbone"], r["stage"], r["world"], ds_of(r)) for r in read(out)}
     for backbone in backbones:
         for stage in stages:
@@ -123,13 +146,13 @@ def sweep(backbones, stages, worlds, out: str, margin_gib: float, depth=None, ds
                 cell_ds = ds if stage == 3 else {k: None for k in DS_KEYS}
                 if (backbone, stage, world, ds_of(cell_ds)) in done:
                     continue
-                plan = plan_of(backbone, stage, world, depth)
-                bounded = all(v is not None for v in cell_ds.values())
+                plan = plan_of(backbone, stage, world, depth, cell_ds["prefetch_bucket"] if stage == 3 else None)
+                bounded = cell_ds["reuse_distance"] == 0  # else the forward's gathered layers wait for backward
                 need, avail = estimate(plan, world, stage, plan["backbone params"], bounded), mem_available()
                 rec = {"backbone": backbone, "stage": stage, "world": world, "depth": depth,
                        "image_size": image_size(backbone), "batch_per_rank": 1, "tasks": TASKS, "plan": plan,
                        "estimate": need, "available": avail, "threads_per_process": 1,
-                       **cell_ds}
+                       **cell_ds, **malloc_env()}
                 if need + margin_gib * GiB > avail:
                     rec["status"] = "not run"
                 else:
@@ -141,10 +164,19 @@ def sweep(backbones, stages, worlds, out: str, margin_gib: float, depth=None, ds
 
 
 def cell_figures(rec: dict) -> dict:
-    """The largest value over ranks of each figure (the rank that decides what fits)."""
+    """The largest value over ranks of each figure (the rank that decides what fits); the peak and its
+    parts (step_peak, gathered_at_peak) of one rank, the one with the largest peak."""
     ranks = rec["ranks"]
-    keys = ("params", "grads", "optimizer", "peak", "resident", "step_peak", "gathered_at_peak", "buffers", "max_rss")
-    return {k: max(r[k] for r in ranks) for k in keys}
+    keys = ("params", "grads", "optimizer", "resident", "buffers", "max_rss")
+    top = max(ranks, key=lambda r: r["peak"])
+    return {**{k: max(r[k] for r in ranks) for k in keys},
+            **{k: top[k] for k in ("peak", "step_peak", "gathered_at_peak")}}
+
+
+def rss_mark(rec: dict) -> str:
+    """Beside max RSS: the cell ran with MALLOC_MMAP_THRESHOLD_ set (malloc_env), in bytes."""
+    value = rec.get("malloc_mmap_threshold")
+    return f" (mmap {value:,})" if value else ""
 
 
 def table(records: list) -> str:
@@ -157,7 +189,9 @@ def table(records: list) -> str:
     for r in records:
         bounds = ", ".join(f"{k.split('_')[0]} {v:,}" for k, v in zip(DS_KEYS, ds_of(r)) if v is not None)
         name = f"| {r['backbone']} | {r['stage']}{f' ({bounds})' if bounds else ''} | {r['world']} |"
-        plan_total = r["plan"]["total"]
+        # today's plan for the cell's setting and prefetch bucket (the record keeps the one made at run time)
+        plan_total = plan_of(r["backbone"], r["stage"], r["world"], r.get("depth"),
+                             r.get("prefetch_bucket") if r["stage"] == 3 else None)["total"]
         if r["status"] != "run":
             lines.append(f"{name} not run: needs ~{r['estimate'] / GiB:.1f} GiB (estimate) + margin, "
                          f"{r['available'] / GiB:.1f} GiB available on this machine | | | | | "
@@ -173,7 +207,8 @@ def table(records: list) -> str:
             return f" ({f[k] / base[k]:.3f}x)" if base and base[k] else ""
         lines.append(f"{name} {f['params'] / MiB:,.1f}{ratio('params')} | {f['adapter'] / MiB:.2f}{ratio('adapter')}"
                      f" | {f['peak'] / MiB:,.1f}{ratio('peak')} | {f['gathered_at_peak'] / MiB:,.1f} / "
-                     f"{(f['step_peak'] - f['gathered_at_peak']) / MiB:,.1f} | {f['max_rss'] / MiB:,.0f} | "
+                     f"{(f['step_peak'] - f['gathered_at_peak']) / MiB:,.1f} | "
+                     f"{f['max_rss'] / MiB:,.0f}{rss_mark(r)} | "
                      f"{plan_total / MiB:,.0f} | {f['peak'] / plan_total:.2f} |")
     return "\n".join(lines)
 

@@ -10,8 +10,9 @@ Model states, per GPU (16-bit training under DeepSpeed; every number a byte coun
   frozen parameters  the backbone. ZeRO-3: DeepSpeed's estimate_zero3_model_states_mem_needs for
                      params nobody trains (cpu_offload=True: no optimizer state on the GPU) gives
                      2 B/param / N, plus 4 B x the largest layer for the gathered working set, plus
-                     the prefetch bucket of the DeepSpeed file; --offload (offload_param): the working
-                     set only. ZeRO-0/1/2: every rank holds them whole (ZeRO-2: the 2 B/param of
+                     the prefetch bucket of the DeepSpeed file or, on several GPUs with a bucket, the
+                     whole partitioned backbone (it stays gathered from forward to backward: measured,
+                     see model_state_bytes); --offload (offload_param): the working set only. ZeRO-0/1/2: every rank holds them whole (ZeRO-2: the 2 B/param of
                      estimate_zero2_model_states_mem_needs with cpu_offload=True; no DeepSpeed: fp32
                      under autocast, 4 B/param). Tensors DeepSpeed keeps whole under ZeRO-3
                      (below stage3_param_persistence_threshold) are counted whole.
@@ -77,6 +78,7 @@ class Setting:
     gpu_mem_gib: float = 80.0
     zero_stage: int = 3
     offload: bool = False
+    prefetch_bucket: Optional[int] = None  # ZeRO-3 stage3_prefetch_bucket_size in elements; None: the launch file's
 
 
 def architecture(cfg: RunConfig) -> Arch:
@@ -171,9 +173,18 @@ def model_state_bytes(cfg: RunConfig, a: Arch, s: Setting) -> dict:
         whole = sum(k for k in a.small_params if k < persist)
         _, gpu, working = z3(a.params - whole, a.largest_layer, num_gpus_per_node=n, cpu_offload=True,
                              cpu_offload_params=s.offload)
-        prefetch = 2 * _ds_file_value(3, s.offload, "stage3_prefetch_bucket_size", _PREFETCH_DEFAULT)
+        bucket = s.prefetch_bucket
+        if bucket is None:
+            bucket = _ds_file_value(3, s.offload, "stage3_prefetch_bucket_size", _PREFETCH_DEFAULT)
+        prefetch = 2 * bucket
+        # With a prefetch bucket, what the forward gathers stays gathered until its backward, whatever the
+        # reuse distance: up to the whole partitioned backbone (measured on 2 CPU processes: 1,152 of
+        # ViT-L's 1,161 MiB, 189 of ViT-B's 329; bench/zero_memory_full.py), and the all-gathers' flat
+        # buffers grow with it: counted as the backbone twice, an upper bound (ViT-L x4: 0.67 of it
+        # measured). Bucket 0 + reuse distance 0 gather one module at a time. One process gathers nothing.
+        retained = 2 * e * (a.params - whole) if prefetch and n > 1 else 0
         out["frozen parameters"] = (gpu - working) * e // 2 + e * whole
-        out["gathered layers + prefetch"] = working + prefetch
+        out["gathered layers + prefetch"] = working + max(prefetch, retained)
         _, states, _ = z3(trainable, 0, num_gpus_per_node=n, cpu_offload=s.offload, cpu_offload_params=s.offload)
         split = {"adapters": 2, "gradients": 6, "optimizer states": 10}  # of DeepSpeed's 18 B/param
     elif s.zero_stage in (1, 2):

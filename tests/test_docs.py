@@ -80,6 +80,7 @@ def parsers() -> dict:
     import gpu_check
     import regime
     import zero_memory
+    import zero_memory_full
     import activation_memory
     from accelerate.commands.launch import launch_command_parser
     out = {"train": _flags_of(train.parse_args),
@@ -87,6 +88,7 @@ def parsers() -> dict:
            "launch/pretrain_demo_backbone.py": _flags_of(pretrain_demo_backbone.main),
            "bench/gpu_check.sh": _flags_of(gpu_check.main),
            "bench/regime.py": _flags_of(regime.main), "bench/zero_memory.py": _flags_of(zero_memory.main),
+           "bench/zero_memory_full.py": _flags_of(zero_memory_full.main),
            "bench/activation_memory.py": _flags_of(activation_memory.main)}
     for name, spec in _scripts().items():
         out[name] = _flags_of(_entry(spec))

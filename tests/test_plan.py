@@ -150,3 +150,19 @@ def test_a_method_the_plan_does_not_know_is_counted_as_sdlora_and_says_so():
     p, q = make_plan(cfg, Setting(2, 1, 3)), make_plan(other, Setting(2, 1, 3))
     assert p.rows == q.rows
     assert "method 'some_new_lora' counted as SD-LoRA's" in format_plan(q) and "counted as" not in format_plan(p)
+
+
+def test_zero3_counts_the_backbone_gathered_from_forward_to_backward_under_a_prefetch_bucket():
+    """Measured on CPU processes (bench/zero_memory_full.py): with the launch file's prefetch bucket the
+    layers the forward gathers stay gathered until their backward, up to the whole backbone (ViT-L on 2
+    ranks: 1,152 of 1,161 MiB), and the all-gathers' flat buffers grow with it. The plan counts the
+    partitioned backbone twice in 16-bit on several GPUs, the bucket alone on one (nothing is gathered)."""
+    from sdlora_ds.config import load_config
+    cfg = load_config(os.path.join(ROOT, "configs", "imagenetr_b40_vitl16.json"))
+    one = make_plan(cfg, Setting(num_processes=1, zero_stage=3))
+    two = make_plan(cfg, Setting(num_processes=2, zero_stage=3))
+    working = 4 * two.arch.largest_layer
+    assert one.rows["gathered layers + prefetch"] == working + 2 * 50_000_000
+    partitioned = two.arch.params - sum(k for k in two.arch.small_params if k < 100_000)
+    assert two.rows["gathered layers + prefetch"] == working + 2 * 2 * partitioned  # gathered + flat buffers
+    assert 0.55 * GIB < 2 * partitioned < 0.6 * GIB  # ViT-L's 304M parameters in bf16
