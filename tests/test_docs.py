@@ -82,6 +82,7 @@ def parsers() -> dict:
     import zero_memory
     import zero_memory_full
     import activation_memory
+    import axis_report
     from accelerate.commands.launch import launch_command_parser
     out = {"train": _flags_of(train.parse_args),
            "accelerate": {s for a in launch_command_parser()._actions for s in a.option_strings},
@@ -89,7 +90,8 @@ def parsers() -> dict:
            "bench/gpu_check.sh": _flags_of(gpu_check.main),
            "bench/regime.py": _flags_of(regime.main), "bench/zero_memory.py": _flags_of(zero_memory.main),
            "bench/zero_memory_full.py": _flags_of(zero_memory_full.main),
-           "bench/activation_memory.py": _flags_of(activation_memory.main)}
+           "bench/activation_memory.py": _flags_of(activation_memory.main),
+           "bench/axis_report.py": _flags_of(axis_report.main)}
     for name, spec in _scripts().items():
         out[name] = _flags_of(_entry(spec))
     for spec in ("sdlora_ds.kernels.compile_check:main",):
