@@ -77,9 +77,9 @@ def ds_config(stage: int, world: int, prefetch=None, reuse=None) -> dict:
     """The launch file's settings for one image per rank in fp32. ZeRO-3, in elements, None for the
     file's value (DeepSpeed's default where the file names none): prefetch, stage3_prefetch_bucket_size
     (DeepSpeed's default 50M: gathered ahead of use from the second step on); reuse,
-    stage3_max_reuse_distance (the file's 0: a module's gathered tensors are released after its use;
-    DeepSpeed's default 1G keeps a tensor used again within that many parameters of the trace gathered,
-    so the forward's layers stay whole until their backward)."""
+    stage3_max_reuse_distance (DeepSpeed's default 1G: a tensor used again within that many parameters
+    of the trace stays gathered). Measured (bench/RESULTS.md): with a bucket the forward's layers stay
+    gathered until their backward at reuse 0 as at 1G; bucket 0 + reuse 0 gather one module at a time."""
     name = "ds_zero3.json" if stage == 3 else "ds_zero2.json"
     with open(os.path.join(ROOT, "launch", name)) as f:
         cfg = json.load(f)

@@ -125,9 +125,8 @@ DS_DEFAULTS = {"prefetch_bucket": ("stage3_prefetch_bucket_size", 50_000_000),  
 def file_ds() -> dict:
     """The ZeRO-3 gathering settings launch/ds_zero3.json gives (DeepSpeed's default where it names none):
     what a cell without --prefetch-bucket / --reuse-distance runs with, recorded explicitly."""
-    with open(os.path.join(ROOT, "launch", "ds_zero3.json")) as f:
-        zero = json.load(f)["zero_optimization"]
-    return {k: int(zero.get(name, default)) for k, (name, default) in DS_DEFAULTS.items()}
+    from sdlora_ds.plan import _ds_file_value  # the plan reads the launch file the same way
+    return {k: _ds_file_value(3, False, name, default) for k, (name, default) in DS_DEFAULTS.items()}
 
 
 def ds_of(rec: dict) -> tuple:
@@ -147,7 +146,9 @@ def sweep(backbones, stages, worlds, out: str, margin_gib: float, depth=None, ds
                 if (backbone, stage, world, ds_of(cell_ds)) in done:
                     continue
                 plan = plan_of(backbone, stage, world, depth, cell_ds["prefetch_bucket"] if stage == 3 else None)
-                bounded = cell_ds["reuse_distance"] == 0  # else the forward's gathered layers wait for backward
+                # measured: only bucket 0 + reuse 0 gather one module at a time; with a bucket the
+                # forward's gathered layers wait for their backward whatever the reuse distance
+                bounded = cell_ds["prefetch_bucket"] == 0 and cell_ds["reuse_distance"] == 0
                 need, avail = estimate(plan, world, stage, plan["backbone params"], bounded), mem_available()
                 rec = {"backbone": backbone, "stage": stage, "world": world, "depth": depth,
                        "image_size": image_size(backbone), "batch_per_rank": 1, "tasks": TASKS, "plan": plan,

@@ -10,9 +10,10 @@ Model states, per GPU (16-bit training under DeepSpeed; every number a byte coun
   frozen parameters  the backbone. ZeRO-3: DeepSpeed's estimate_zero3_model_states_mem_needs for
                      params nobody trains (cpu_offload=True: no optimizer state on the GPU) gives
                      2 B/param / N, plus 4 B x the largest layer for the gathered working set, plus
-                     the prefetch bucket of the DeepSpeed file or, on several GPUs with a bucket, the
-                     whole partitioned backbone (it stays gathered from forward to backward: measured,
-                     see model_state_bytes); --offload (offload_param): the working set only. ZeRO-0/1/2: every rank holds them whole (ZeRO-2: the 2 B/param of
+                     the prefetch bucket of the DeepSpeed file or, on several GPUs with a bucket,
+                     twice the partitioned backbone (it stays gathered from forward to backward:
+                     measured, see model_state_bytes); --offload (offload_param): the working set
+                     only. ZeRO-0/1/2: every rank holds them whole (ZeRO-2: the 2 B/param of
                      estimate_zero2_model_states_mem_needs with cpu_offload=True; no DeepSpeed: fp32
                      under autocast, 4 B/param). Tensors DeepSpeed keeps whole under ZeRO-3
                      (below stage3_param_persistence_threshold) are counted whole.
